@@ -1,0 +1,37 @@
+# `make test` and `make demo` work on a fresh clone: both create .venv themselves.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# On the project's build machines this takes a CPU wheel from the local disk; real users may
+# install any torch in the range pyproject.toml allows before running make.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test demo lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev,train,ui]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(VENV)/bin/musar generate --preset tiny \
+		--prompt "a photo of a corgi and a red backpack on a beach" \
+		--subject examples/dog.jpg "a corgi" \
+		--subject examples/backpack.jpg "a red backpack" \
+		--steps 4 --height 256 --width 256 --seed 0 \
+		--out outputs/demo.png --routing-maps outputs/demo_routing
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache
