@@ -1,0 +1,169 @@
+"""``MusarTransformer``: FLUX's transformer with MUSAR conditions, routing and branch LoRA.
+
+It *is* a diffusers ``FluxTransformer2DModel`` (same modules, same config, same
+``from_pretrained`` / ``save_pretrained``), with one new forward that
+
+* appends each condition's image latents to the image stream and its phrase embedding to the
+  text stream (layout in :mod:`musar.layout`),
+* modulates condition rows with ``temb(t_cond)`` (t_cond = 0 by default),
+* gives condition tokens their own position ids (:func:`condition_image_ids`),
+* threads a :class:`~musar.attention.RoutingContext` through every block's attention.
+
+With no conditions it computes exactly what ``FluxTransformer2DModel.forward`` computes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import FluxTransformer2DModel
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
+from torch.utils.checkpoint import checkpoint
+
+from musar.attention import MusarAttnProcessor, RouteRecord, RoutingContext
+from musar.blocks import double_block_forward, single_block_forward
+from musar.layout import TokenLayout
+from musar.routing import RoutingOptions
+
+
+@dataclass
+class ConditionInputs:
+    """The c reference conditions of one batch (every sample has the same c)."""
+
+    image_latents: Sequence[torch.Tensor]  # c x (B, n'_k, in_channels), packed like FLUX latents
+    text_embeds: Sequence[torch.Tensor]  # c x (B, m'_k, joint_attention_dim): T5 output of phrase k
+    image_ids: Sequence[torch.Tensor]  # c x (n'_k, 3) position ids, see condition_image_ids
+    spans: torch.Tensor | None = None  # (B, c, 2): (start, length) of phrase k in the main prompt
+    timestep: float = 0.0  # t_cond: condition rows are modulated with temb(t_cond)
+
+    def __post_init__(self) -> None:
+        c = len(self.image_latents)
+        if not (len(self.text_embeds) == len(self.image_ids) == c):
+            raise ValueError("conditions need as many text embeddings and id grids as image latents")
+        if self.spans is not None and self.spans.shape[1] != c:
+            raise ValueError(f"spans describe {self.spans.shape[1]} subjects for {c} conditions")
+
+    @property
+    def num(self) -> int:
+        return len(self.image_latents)
+
+
+def latent_image_ids(height_tokens: int, width_tokens: int, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+    """FLUX's (h*w, 3) position ids of a packed latent grid (axis 0 unused, 1 = row, 2 = column)."""
+    return FluxPipeline._prepare_latent_image_ids(1, height_tokens, width_tokens, device, dtype)
+
+
+def condition_image_ids(
+    index: int, height_tokens: int, width_tokens: int, device: torch.device | str, dtype: torch.dtype
+) -> torch.Tensor:
+    """Ids of reference ``index``: the target's grid shifted left by (index + 1) condition widths.
+
+    OminiControl/XVerse lineage (DESIGN sec. 2): conditions sit side by side to the left of the
+    target in RoPE space, so they never share positions with it or with each other.
+    """
+    ids = latent_image_ids(height_tokens, width_tokens, device, dtype)
+    ids[:, 2] -= (index + 1) * width_tokens
+    return ids
+
+
+class MusarTransformer(FluxTransformer2DModel):
+    """FLUX.1 transformer with MUSAR's routed multi-subject conditioning."""
+
+    # No __init__ override: diffusers reads the config keys from FluxTransformer2DModel's signature.
+    lora_config = None  # set by musar.lora.inject_branch_lora
+    lora_plan = None
+
+    def use_musar_attention(self) -> None:
+        """Route every attention layer through MusarAttnProcessor (idempotent)."""
+        for block in (*self.transformer_blocks, *self.single_transformer_blocks):
+            if not isinstance(block.attn.processor, MusarAttnProcessor):
+                block.attn.set_processor(MusarAttnProcessor())
+
+    def _time_embedding(
+        self, t: torch.Tensor, guidance: torch.Tensor | None, pooled: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
+        t = t.to(dtype) * 1000
+        if guidance is None:
+            return self.time_text_embed(t, pooled)
+        return self.time_text_embed(t, guidance.to(dtype) * 1000, pooled)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        pooled_projections: torch.Tensor,
+        timestep: torch.Tensor,
+        img_ids: torch.Tensor,
+        txt_ids: torch.Tensor,
+        guidance: torch.Tensor | None = None,
+        conditions: ConditionInputs | None = None,
+        routing: RoutingOptions | None = None,
+        step_index: int = 0,
+        capture: Callable[[RouteRecord], None] | None = None,
+        return_dict: bool = True,
+    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
+        """Predict the flow for the NOISE tokens.
+
+        The first seven arguments mean what they mean for ``FluxTransformer2DModel.forward``
+        (timestep and guidance in [0, 1]). ``conditions`` adds the references; ``routing`` picks
+        routing options (defaults: the paper's); ``step_index`` is the denoising step (for
+        ``RoutingOptions.start_step``); ``capture`` receives every routing decision.
+        """
+        self.use_musar_attention()
+        batch = hidden_states.shape[0]
+        cond = conditions if conditions is not None and conditions.num > 0 else None
+        layout = TokenLayout(
+            prompt=encoder_hidden_states.shape[1],
+            noise=hidden_states.shape[1],
+            cond_image=[x.shape[1] for x in cond.image_latents] if cond else (),
+            cond_text=[x.shape[1] for x in cond.text_embeds] if cond else (),
+        )
+        if self.lora_plan is not None:
+            self.lora_plan.set(layout)
+
+        image = torch.cat([hidden_states, *cond.image_latents], dim=1) if cond else hidden_states
+        text = torch.cat([encoder_hidden_states, *cond.text_embeds], dim=1) if cond else encoder_hidden_states
+        image = self.x_embedder(image)
+        text = self.context_embedder(text)
+
+        temb = self._time_embedding(timestep, guidance, pooled_projections, image.dtype)
+        temb_cond = None
+        if cond:
+            t_cond = torch.full((batch,), float(cond.timestep), device=image.device)
+            temb_cond = self._time_embedding(t_cond, guidance, pooled_projections, image.dtype)
+
+        txt_ids = txt_ids[0] if txt_ids.ndim == 3 else txt_ids
+        img_ids = img_ids[0] if img_ids.ndim == 3 else img_ids
+        id_parts = [txt_ids]
+        if cond:
+            id_parts += [txt_ids.new_zeros(x.shape[1], 3) for x in cond.text_embeds]
+        id_parts.append(img_ids)
+        if cond:
+            id_parts += [ids.to(img_ids) for ids in cond.image_ids]
+        rotary = self.pos_embed(torch.cat(id_parts, dim=0))
+
+        ctx = RoutingContext(
+            layout, routing or RoutingOptions(), cond.spans if cond else None, step_index, capture
+        )
+        run = self._maybe_checkpoint
+        for i, block in enumerate(self.transformer_blocks):
+            text, image = run(double_block_forward, block, image, text, temb, temb_cond, rotary, layout, ctx.layer(i))
+        joint = torch.cat([text, image], dim=1)
+        offset = len(self.transformer_blocks)
+        for j, block in enumerate(self.single_transformer_blocks):
+            joint = run(single_block_forward, block, joint, temb, temb_cond, rotary, layout, ctx.layer(offset + j))
+
+        noise = joint[:, layout.noise_slice]
+        output = self.proj_out(self.norm_out(noise, temb))
+        if not return_dict:
+            return (output,)
+        return Transformer2DModelOutput(sample=output)
+
+    def _maybe_checkpoint(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
