@@ -12,7 +12,10 @@ from collections.abc import Sequence
 from musar.errors import MusarError
 
 # name -> module providing `add_parser(subparsers) -> None`; the parser sets `func(args) -> int`.
-SUBCOMMANDS: dict[str, str] = {}
+SUBCOMMANDS: dict[str, str] = {
+    "generate": "musar.generate_cli",
+    "data": "musar.data.cli",
+}
 
 
 class _Parser(argparse.ArgumentParser):

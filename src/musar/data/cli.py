@@ -1,0 +1,135 @@
+"""``musar data preview`` and ``musar data stats``.
+
+``--source`` is a local parquet file/folder (Subjects200K or MUSAR-Gen schema, detected from the
+columns) or a hub dataset id. For hub ids, ``preview`` streams only the first ``--limit`` rows
+(default 1000) instead of downloading the whole dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from musar.data.musar_gen import MusarGen
+from musar.data.preview import open_source, preview_samples, write_preview
+from musar.data.subjects200k import (
+    DEFAULT_PADDING,
+    DEFAULT_QUALITY_THRESHOLD,
+    SUBJECTS200K_HUB_ID,
+    BadRowWarning,
+)
+from musar.errors import MusarError
+from musar.io import check_writable
+
+HUB_PREVIEW_LIMIT = 1000
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _add_source_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--source",
+        default=SUBJECTS200K_HUB_ID,
+        help=f"local parquet file/folder or hub dataset id (default {SUBJECTS200K_HUB_ID})",
+    )
+    p.add_argument(
+        "--limit", type=_positive, default=None, help="read only the first N rows (streams hub data)"
+    )
+    p.add_argument(
+        "--quality",
+        type=int,
+        default=DEFAULT_QUALITY_THRESHOLD,
+        help=f"keep rows whose every quality score is >= this (default {DEFAULT_QUALITY_THRESHOLD})",
+    )
+    p.add_argument(
+        "--padding",
+        type=int,
+        default=DEFAULT_PADDING,
+        help=f"padding around each view in the pair images, px (default {DEFAULT_PADDING})",
+    )
+    p.add_argument("--cache-dir", default=None, help="datasets cache folder (default: the HF cache)")
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``musar data {preview,stats}``."""
+    data = subparsers.add_parser("data", help="inspect the training data", description=__doc__)
+    sub = data.add_subparsers(dest="data_command", required=True)
+
+    p = sub.add_parser("preview", help="write a contact sheet and samples.jsonl of one curriculum stage")
+    _add_source_args(p)
+    p.add_argument("--stage", type=int, choices=(1, 2, 3), default=1, help="curriculum stage (default 1)")
+    p.add_argument("--n", type=_positive, default=8, help="number of samples (default 8)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.set_defaults(func=run_preview)
+
+    p = sub.add_parser("stats", help="print row counts after filtering, overall and per category")
+    _add_source_args(p)
+    p.add_argument(
+        "--check-images", action="store_true", help="also decode every image to count corrupt ones"
+    )
+    p.set_defaults(func=run_stats)
+
+
+def _is_local(source: str) -> bool:
+    return Path(source).expanduser().exists()
+
+
+def _open(args: argparse.Namespace, limit: int | None) -> Any:
+    if args.padding < 0:
+        raise MusarError(f"--padding must be >= 0, got {args.padding}")
+    return open_source(
+        args.source,
+        limit=limit,
+        cache_dir=args.cache_dir,
+        quality_threshold=args.quality,
+        padding=args.padding,
+    )
+
+
+def run_preview(args: argparse.Namespace) -> int:
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise MusarError(f"--out is a file, not a folder: {args.out}")
+    check_writable(f"{args.out}/contact_sheet.png")  # fail before reading any data
+    limit = args.limit if args.limit is not None or _is_local(args.source) else HUB_PREVIEW_LIMIT
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", BadRowWarning)
+        source = _open(args, limit)
+        samples = preview_samples(source, args.stage, args.n, args.seed)
+        sheet, jsonl = write_preview(samples, args.out)
+    _print_warnings(caught)
+    print(f"wrote {sheet}")
+    print(f"wrote {jsonl} ({len(samples)} samples)")
+    return 0
+
+
+def run_stats(args: argparse.Namespace) -> int:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", BadRowWarning)
+        source = _open(args, args.limit)
+        if args.check_images:
+            if isinstance(source, MusarGen):
+                for _ in source.iter_samples():
+                    pass
+            else:
+                source.check_images()
+    _print_warnings(caught)
+    for line in source.report.lines():
+        print(line)
+    return 0
+
+
+def _print_warnings(caught: list[warnings.WarningMessage]) -> None:
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
