@@ -15,6 +15,7 @@ from musar.errors import MusarError
 SUBCOMMANDS: dict[str, str] = {
     "generate": "musar.generate_cli",
     "data": "musar.data.cli",
+    "eval": "musar.eval.cli",
 }
 
 

@@ -1,0 +1,33 @@
+"""Evaluation harness: DreamBench protocols, DINO / CLIP-I / CLIP-T metrics, resumable runner and
+Table-1 style reports (DESIGN sec. 8).
+
+Names are imported lazily so that registering the ``musar eval`` command does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, str] = {
+    "Case": "musar.eval.protocols",
+    "CaseSubject": "musar.eval.protocols",
+    "PROTOCOLS": "musar.eval.protocols",
+    "build_cases": "musar.eval.protocols",
+    "ImageScores": "musar.eval.metrics",
+    "Metrics": "musar.eval.metrics",
+    "MetricsConfig": "musar.eval.metrics",
+    "cosine": "musar.eval.metrics",
+    "cosine_matrix": "musar.eval.metrics",
+    "compare": "musar.eval.report",
+    "EvalResult": "musar.eval.runner",
+    "run_eval": "musar.eval.runner",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'musar.eval' has no attribute {name!r}")

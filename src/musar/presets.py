@@ -1,0 +1,140 @@
+"""Ready-made pipelines: the real FLUX.1-dev loader and a tiny random-weight preset.
+
+``tiny`` is the FLUX architecture (transformer, VAE, CLIP and T5 text encoders) at a few
+thousand parameters with random weights and offline-built tokenizers. It produces noise-like
+images; it exists so every code path (CLI, training, evaluation, UI) runs in seconds on a CPU
+with nothing downloaded. It says so wherever it is used.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+from musar.errors import MusarError
+from musar.pipeline import DEFAULT_MODEL, MusarPipeline
+from musar.tokenizer import train_unigram_tokenizer
+from musar.transformer import MusarTransformer
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PRESETS = ("tiny",)
+
+_TINY_CORPUS = [
+    "a photo of a dog and a red backpack on the beach",
+    "a corgi and a cat sitting on a wooden floor in the snow",
+    "a teapot next to a vase with flowers on a table, in the jungle",
+    "a plush bear and a robot toy with a city in the background",
+    "two images concatenated side by side, the left part is: a sneaker. the right part is: another sneaker",
+    "a purple rug in a forest, a mountain, a blue house, a wheat field, a cobblestone street",
+]
+
+
+@dataclass(frozen=True)
+class TinySizes:
+    """Sizes of the tiny preset; heads x head_dim = 32 wide, 4 latent channels, VAE factor 8."""
+
+    joint_attention_dim: int = 32
+    pooled_projection_dim: int = 16
+    latent_channels: int = 4
+
+
+def tiny_pipeline(seed: int = 0) -> MusarPipeline:
+    """FLUX architecture at toy size, random weights, built offline and deterministically."""
+    sizes = TinySizes()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = MusarTransformer(
+            patch_size=1,
+            in_channels=4 * sizes.latent_channels,
+            num_layers=1,
+            num_single_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=sizes.joint_attention_dim,
+            pooled_projection_dim=sizes.pooled_projection_dim,
+            guidance_embeds=True,
+            axes_dims_rope=(4, 6, 6),
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 8, 8, 8),
+            layers_per_block=1,
+            latent_channels=sizes.latent_channels,
+            norm_num_groups=4,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            shift_factor=0.0609,
+            scaling_factor=1.5035,
+        )
+        tokenizer = train_unigram_tokenizer(_TINY_CORPUS, vocab_size=120, model_max_length=77)
+        tokenizer_2 = train_unigram_tokenizer(_TINY_CORPUS, vocab_size=120, model_max_length=512)
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer), hidden_size=sizes.pooled_projection_dim, intermediate_size=32,
+                num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
+            )
+        )
+        text_encoder_2 = T5EncoderModel(
+            T5Config(
+                vocab_size=len(tokenizer_2), d_model=sizes.joint_attention_dim, d_kv=8, d_ff=32, num_layers=1,
+                num_heads=2, relative_attention_num_buckets=8, pad_token_id=tokenizer_2.pad_token_id,
+                eos_token_id=tokenizer_2.eos_token_id, decoder_start_token_id=0,
+            )
+        )
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256, max_image_seq_len=4096)
+    return MusarPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2.eval(), tokenizer_2=tokenizer_2, transformer=transformer.eval(),
+    )
+
+
+def load_pipeline(
+    model: str | os.PathLike[str] | None = None,
+    preset: str | None = None,
+    lora: str | os.PathLike[str] | None = None,
+    dtype: str = "bf16",
+    attention: str = "fast",
+    device: str | None = None,
+    offload: str = "none",
+    single_lora: bool = False,
+) -> MusarPipeline:
+    """The one factory behind the CLI, evaluation and UI: a ready pipeline on its device."""
+    del attention  # chosen per call; accepted here so callers can pass their settings through
+    if dtype not in DTYPES:
+        raise MusarError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    if preset is not None and model is not None:
+        raise MusarError("give either --model or --preset, not both")
+    if preset is not None:
+        if preset not in PRESETS:
+            raise MusarError(f"unknown preset {preset!r}; expected one of {list(PRESETS)}")
+        pipe = tiny_pipeline()
+        torch_dtype = torch.float32  # tiny models run in fp32 on CPU
+    else:
+        torch_dtype = DTYPES[dtype]
+        pipe = MusarPipeline.from_pretrained(model or DEFAULT_MODEL, torch_dtype=torch_dtype)
+    if lora is not None:
+        pipe.load_lora(lora)
+    if single_lora:  # the "one LoRA for all tokens" ablation: its weights must have been trained so
+        mode = getattr(pipe.transformer.lora_config, "mode", None)
+        if mode != "shared":
+            raise MusarError(f"the single-lora ablation needs a LoRA trained with mode 'shared' (got {mode})")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if offload != "none":
+        if offload not in ("model", "sequential"):
+            raise MusarError(f"unknown offload mode {offload!r}; expected none, model or sequential")
+        if not torch.cuda.is_available():
+            raise MusarError("--offload needs a CUDA GPU (it moves weights between CPU and GPU)")
+        (pipe.enable_model_cpu_offload if offload == "model" else pipe.enable_sequential_cpu_offload)()
+    elif preset is not None:
+        pipe.to(device=device)
+    else:
+        pipe.to(device=device, dtype=torch_dtype)
+    return pipe
