@@ -55,14 +55,19 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
 
 
 def check_writable(path: str | os.PathLike[str]) -> Path:
-    """Fail early (before minutes of work) if ``path`` cannot be created."""
+    """Fail early (before minutes of work) if ``path`` cannot be written: really try it.
+
+    Permission bits alone mislead (root passes ``os.access`` on read-only mounts and /proc), so
+    create the folder and a probe file next to the target, then remove the probe.
+    """
     path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    probe = parent
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise MusarError(f"output path is not writable: {path}")
-    if path.exists() and path.is_dir():
+    if path.is_dir():
         raise MusarError(f"output path is a directory: {path}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise MusarError(f"output path is not writable: {path} ({e.strerror or e})") from None
     return path

@@ -10,11 +10,12 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Sequence
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from musar.errors import MusarError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _phrase_pattern(phrase: str) -> re.Pattern[str]:
@@ -93,6 +94,8 @@ def find_subject_spans(
 
 def spans_tensor(batch_spans: Sequence[Sequence[tuple[int, int]]], device: torch.device | str | None = None) -> torch.Tensor:
     """(B, c, 2) long tensor from per-sample span lists (all samples must have the same c)."""
+    import torch  # imported here so phrase checks stay light for the CLI
+
     counts = {len(s) for s in batch_spans}
     if len(counts) != 1:
         raise ValueError(f"every sample in a batch needs the same number of subjects, got {sorted(counts)}")

@@ -1,0 +1,84 @@
+"""Reference images: any file or PIL image in, a clean RGB square out.
+
+Users hand us whatever they have: RGBA PNGs, palette GIFs, CMYK JPEGs, 16-bit greyscale scans,
+phone photos with an EXIF rotation. :func:`load_reference` turns any of them into an RGB square of
+the condition size (aspect ratio kept by padding, or centre-cropped). Only Pillow and numpy here,
+so input checks stay fast (the CLI runs them before loading any model).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from musar.errors import MusarError
+
+Fit = Literal["pad", "crop"]
+PAD_COLOUR = (255, 255, 255)  # references are mostly product-style shots on white
+
+
+def open_image(path: str | os.PathLike[str]) -> Image.Image:
+    """Open and fully decode an image file, or raise a one-line :class:`MusarError`."""
+    path = Path(path)
+    if not path.exists():
+        raise MusarError(f"reference image not found: {path}")
+    if path.is_dir():
+        raise MusarError(f"reference image is a directory: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now: a truncated file fails here, not mid-generation
+            return im.copy()
+    except UnidentifiedImageError:
+        raise MusarError(f"not an image file: {path}") from None
+    except PermissionError:
+        raise MusarError(f"cannot read reference image (permission denied): {path}") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise MusarError(f"cannot decode image {path}: {e}") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB; transparency composited onto white, 16-bit scaled down properly."""
+    image = ImageOps.exif_transpose(image) or image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(image, dtype=np.float64)
+        hi = 65535.0 if image.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        arr = np.asarray(image, dtype=np.float64)
+        arr = (arr - arr.min()) / max(arr.max() - arr.min(), 1e-12)
+        image = Image.fromarray((arr * 255 + 0.5).astype(np.uint8), mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode in ("RGB", "L") and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*PAD_COLOUR, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def fit_square(image: Image.Image, size: int, fit: Fit = "pad") -> Image.Image:
+    """Square ``size`` x ``size`` image: pad the short side (default) or centre-crop the long one."""
+    if fit not in ("pad", "crop"):
+        raise MusarError(f"unknown reference fit {fit!r}; expected 'pad' or 'crop'")
+    w, h = image.size
+    if fit == "crop":
+        return ImageOps.fit(image, (size, size), method=Image.Resampling.LANCZOS)
+    side = max(w, h)
+    canvas = Image.new("RGB", (side, side), PAD_COLOUR)
+    canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+    return canvas.resize((size, size), Image.Resampling.LANCZOS)
+
+
+def load_reference(image: Image.Image | str | os.PathLike[str], size: int, fit: Fit = "pad") -> Image.Image:
+    """A user's reference (path or PIL image, any mode) as an RGB ``size`` square."""
+    if not isinstance(image, Image.Image):
+        image = open_image(image)
+    if image.width == 0 or image.height == 0:
+        raise MusarError("reference image has zero size")
+    return fit_square(to_rgb(image), size, fit)
+
+

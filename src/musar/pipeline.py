@@ -1,0 +1,211 @@
+"""``MusarPipeline``: prompt + N (reference image, subject phrase) pairs -> one image.
+
+A subclass of diffusers' ``FluxPipeline``: it reuses FLUX's prompt encoding (T5 + CLIP), latent
+preparation and packing, the resolution-dependent timestep shift, the VAE and the offloading
+machinery, and adds only what MUSAR needs — reference conditions, subject spans, routing and the
+branch LoRA.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.pipelines.flux.pipeline_flux import FluxPipeline, calculate_shift, retrieve_timesteps
+from PIL import Image
+
+from musar.checks import check_size, check_steps
+from musar.conditions import encode_references
+from musar.errors import MusarError
+from musar.images import Fit, load_reference
+from musar.io import atomic_write_json
+from musar.lora_io import file_sha256, load_branch_lora
+from musar.routing import RoutingOptions
+from musar.routing_maps import RoutingRecorder
+from musar.spans import find_subject_spans, spans_tensor
+from musar.transformer import ConditionInputs, MusarTransformer
+
+DEFAULT_MODEL = "black-forest-labs/FLUX.1-dev"
+
+Subject = tuple[Image.Image | str | os.PathLike[str], str]
+
+
+@dataclass
+class MusarPipelineOutput:
+    images: list[Image.Image]
+    routing: RoutingRecorder | None = None
+    grid: tuple[int, int] = (0, 0)  # noise-token grid (rows, columns) for routing maps
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class MusarPipeline(FluxPipeline):
+    """FLUX.1 with MUSAR multi-subject conditioning. See ``__call__``."""
+
+    lora_path: str | None = None
+    lora_sha256: str | None = None
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, **kwargs: Any) -> MusarPipeline:
+        """Load FLUX components from a hub id or a local folder; the transformer as MusarTransformer."""
+        try:
+            if "transformer" not in kwargs:
+                kwargs["transformer"] = MusarTransformer.from_pretrained(
+                    pretrained_model_name_or_path, subfolder="transformer", torch_dtype=kwargs.get("torch_dtype")
+                )
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise MusarError(f"cannot load model {str(pretrained_model_name_or_path)!r}: {first}") from None
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:
+        """Save as a *plain* FLUX folder (diffusers class names), loadable by FluxPipeline too.
+
+        MUSAR adds no weights to the base model (the LoRA is saved separately), so the folder says
+        FluxPipeline / FluxTransformer2DModel and MusarPipeline.from_pretrained reads it back.
+        """
+        super().save_pretrained(save_directory, **kwargs)
+        index_path = Path(save_directory) / "model_index.json"
+        index = json.loads(index_path.read_text())
+        index["_class_name"] = "FluxPipeline"
+        index["transformer"] = ["diffusers", "FluxTransformer2DModel"]
+        atomic_write_json(index_path, index)
+        config_path = Path(save_directory) / "transformer" / "config.json"
+        config = json.loads(config_path.read_text())
+        config["_class_name"] = "FluxTransformer2DModel"
+        atomic_write_json(config_path, config)
+
+    def load_lora(self, path: str | os.PathLike[str]) -> None:
+        """Load MUSAR branch-LoRA weights (safetensors) into the transformer."""
+        load_branch_lora(self.transformer, path)
+        self.lora_path, self.lora_sha256 = str(path), file_sha256(path)
+
+    def _encode_phrases(self, phrases: Sequence[str], length: int, device: torch.device) -> list[torch.Tensor]:
+        # FLUX encodes text padded to a fixed length without an attention mask; phrases the same.
+        return [self._get_t5_prompt_embeds(prompt=p, max_sequence_length=length, device=device) for p in phrases]
+
+    @torch.no_grad()
+    def __call__(  # type: ignore[override]
+        self,
+        prompt: str,
+        subjects: Sequence[Subject],
+        height: int = 1024,
+        width: int = 1024,
+        num_inference_steps: int = 28,
+        guidance_scale: float = 3.5,
+        generator: torch.Generator | None = None,
+        num_images_per_prompt: int = 1,
+        condition_size: int = 512,
+        condition_fit: Fit = "pad",
+        phrase_tokens: int = 32,
+        max_sequence_length: int = 512,
+        condition_timestep: float = 0.0,
+        dynamic_routing: bool = True,
+        static_routing: bool = True,
+        attention: str = "fast",
+        routing: RoutingOptions | None = None,
+        return_routing: bool = False,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        progress: bool = True,
+    ) -> MusarPipelineOutput:
+        """Generate an image showing every subject.
+
+        Args:
+            prompt: the main prompt; it must contain every subject phrase.
+            subjects: ``[(image, phrase), ...]``, N >= 1. ``image`` is a PIL image or a path.
+            condition_size / condition_fit: references become ``condition_size`` squares, padded
+                (default) or centre-cropped.
+            phrase_tokens: T5 tokens per subject phrase (m').
+            condition_timestep: t_cond for the conditions' AdaLN modulation (0 = clean).
+            dynamic_routing / static_routing / attention: routing switches, ignored when a full
+                ``routing`` (:class:`RoutingOptions`) is given.
+            return_routing: also return S* and routes per step (for routing maps).
+        """
+        t0 = time.perf_counter()
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise MusarError("the prompt is empty")
+        if len(subjects) < 1:
+            raise MusarError("give at least one subject (reference image and phrase)")
+        check_size(height, width)
+        check_steps(num_inference_steps)
+        if condition_size % 16 != 0 or condition_size < 16:
+            raise MusarError(f"condition size must be a positive multiple of 16, got {condition_size}")
+        routing = routing or RoutingOptions(dynamic=dynamic_routing, static=static_routing, backend=attention)  # type: ignore[arg-type]
+        images = [load_reference(img, condition_size, condition_fit) for img, _ in subjects]
+        phrases = [phrase for _, phrase in subjects]
+        spans = find_subject_spans(prompt, phrases, self.tokenizer_2, max_sequence_length)
+
+        device = self._execution_device
+        batch = num_images_per_prompt
+        prompt_embeds, pooled, text_ids = self.encode_prompt(
+            prompt=prompt, prompt_2=None, device=device, num_images_per_prompt=batch, max_sequence_length=max_sequence_length
+        )
+        dtype = prompt_embeds.dtype
+        refs = encode_references(self, images, condition_size, batch, device, dtype)
+        phrase_embeds = [e.expand(batch, -1, -1) for e in self._encode_phrases(phrases, phrase_tokens, device)]
+        conditions = ConditionInputs(
+            image_latents=[r.latents for r in refs],
+            text_embeds=phrase_embeds,
+            image_ids=[r.ids for r in refs],
+            spans=spans_tensor([spans] * batch, device=device),
+            timestep=condition_timestep,
+        )
+        t_encode = time.perf_counter()
+
+        latents, image_ids = self.prepare_latents(
+            batch, self.transformer.config.in_channels // 4, height, width, dtype, device, generator, latents
+        )
+        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+        sched = self.scheduler.config
+        mu = calculate_shift(
+            latents.shape[1],
+            sched.get("base_image_seq_len", 256),
+            sched.get("max_image_seq_len", 4096),
+            sched.get("base_shift", 0.5),
+            sched.get("max_shift", 1.15),
+        )
+        timesteps, _ = retrieve_timesteps(self.scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu)
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full((batch,), guidance_scale, device=device, dtype=torch.float32)
+        recorder = RoutingRecorder() if return_routing else None
+
+        self.scheduler.set_begin_index(0)
+        self.set_progress_bar_config(disable=not progress)
+        with self.progress_bar(total=len(timesteps)) as bar:
+            for i, t in enumerate(timesteps):
+                velocity = self.transformer(
+                    hidden_states=latents,
+                    encoder_hidden_states=prompt_embeds,
+                    pooled_projections=pooled,
+                    timestep=(t / 1000).expand(batch).to(latents.dtype),
+                    img_ids=image_ids,
+                    txt_ids=text_ids,
+                    guidance=guidance,
+                    conditions=conditions,
+                    routing=routing,
+                    step_index=i,
+                    capture=recorder,
+                ).sample
+                latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
+                bar.update()
+        t_denoise = time.perf_counter()
+
+        if output_type == "latent":
+            out_images: Any = latents
+        else:
+            unpacked = self._unpack_latents(latents, height, width, self.vae_scale_factor)
+            unpacked = unpacked / self.vae.config.scaling_factor + self.vae.config.shift_factor
+            decoded = self.vae.decode(unpacked.to(self.vae.dtype), return_dict=False)[0]
+            out_images = self.image_processor.postprocess(decoded, output_type=output_type)
+        self.maybe_free_model_hooks()
+        grid = (2 * (height // (self.vae_scale_factor * 2)) // 2, 2 * (width // (self.vae_scale_factor * 2)) // 2)
+        timings = {"encode_s": t_encode - t0, "denoise_s": t_denoise - t_encode, "total_s": time.perf_counter() - t0}
+        return MusarPipelineOutput(out_images, recorder, grid, timings)
