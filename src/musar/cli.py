@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, str] = {
     "generate": "musar.generate_cli",
     "data": "musar.data.cli",
     "eval": "musar.eval.cli",
+    "ui": "musar.ui.cli",
 }
 
 

@@ -1,0 +1,277 @@
+"""The UI's pure side: form values -> a checked request, problems -> messages, results -> records.
+
+Nothing here imports Gradio, so the rules (and the CLI command the UI hands out) are unit-tested
+without a browser. The checks mirror ``musar generate``'s own, reusing its helpers, so the UI
+refuses exactly what the CLI would refuse and says it in the same words.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import math
+import shlex
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from musar.errors import MusarError
+from musar.generate_cli import add_parser as add_generate_parser
+
+
+def _generate_option(dest: str) -> tuple[tuple[str, ...], Any]:
+    """(choices, default) of one ``musar generate`` option.
+
+    The UI offers exactly what the CLI accepts, so the command it hands out always parses, and a
+    backend added to the CLI shows up here with no UI change.
+    """
+    sub = argparse.ArgumentParser(add_help=False).add_subparsers()
+    add_generate_parser(sub)
+    action = next(a for a in sub.choices["generate"]._actions if a.dest == dest)
+    return tuple(action.choices or ()), action.default
+
+
+ATTENTION_BACKENDS, DEFAULT_ATTENTION = _generate_option("attention")
+CONDITION_FITS, DEFAULT_CONDITION_FIT = _generate_option("condition_fit")
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed accepts up to a signed 64-bit value
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """How the app's pipeline was loaded; the CLI command must load the same one."""
+
+    model: str | None = None
+    preset: str | None = None
+    lora: str | None = None
+    dtype: str = "bf16"
+    offload: str = "none"
+
+    def cli_args(self) -> list[str]:
+        args: list[str] = []
+        if self.preset is not None:
+            args += ["--preset", self.preset]
+        elif self.model is not None:
+            local = Path(self.model)
+            # A local folder must still resolve when the command is run from another directory.
+            args += ["--model", str(local.resolve()) if local.exists() else self.model]
+        if self.lora is not None:
+            args += ["--lora", str(Path(self.lora).resolve())]
+        if self.dtype != "bf16":
+            args += ["--dtype", self.dtype]
+        if self.offload != "none":
+            args += ["--offload", self.offload]
+        return args
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing to fix; ``subject`` is the 0-based row it belongs to, if any."""
+
+    message: str
+    subject: int | None = None
+
+    def text(self) -> str:
+        return f"Subject {self.subject + 1}: {self.message}" if self.subject is not None else self.message
+
+
+@dataclass(frozen=True)
+class Request:
+    """A generation the form asked for, already checked."""
+
+    prompt: str
+    subjects: tuple[tuple[str, str], ...]  # (reference image path, phrase)
+    height: int
+    width: int
+    steps: int
+    guidance: float
+    seed: int
+    condition_size: int = 512
+    condition_fit: str = "pad"
+    dynamic_routing: bool = True
+    attention: str = "fast"
+
+
+def _whole(value: Any, name: str, problems: list[Problem]) -> int | None:
+    """A form number as an int, or a problem: Gradio hands over None for a cleared field."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        problems.append(Problem(f"{name} is empty"))
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        problems.append(Problem(f"{name} must be a number, got {value!r}"))
+        return None
+    if not math.isfinite(number) or number != int(number):
+        problems.append(Problem(f"{name} must be a whole number, got {value}"))
+        return None
+    return int(number)
+
+
+def _check(problems: list[Problem], check: Any, *args: Any, subject: int | None = None) -> bool:
+    try:
+        check(*args)
+    except MusarError as e:
+        problems.append(Problem(str(e), subject))
+        return False
+    return True
+
+
+def _check_numbers(
+    height: Any, width: Any, steps: Any, guidance: Any, seed: Any, condition_size: Any, problems: list[Problem]
+) -> tuple[int | None, int | None, int | None, float | None, int | None, int | None]:
+    from musar.checks import MIN_SIZE, check_size
+
+    h, w = _whole(height, "height", problems), _whole(width, "width", problems)
+    # check_size stops at the first bad side; pairing each side with a valid one reports both.
+    if h is not None:
+        _check(problems, check_size, h, MIN_SIZE)
+    if w is not None:
+        _check(problems, check_size, MIN_SIZE, w)
+    n_steps = _whole(steps, "steps", problems)
+    if n_steps is not None and n_steps < 1:
+        problems.append(Problem(f"steps must be >= 1, got {n_steps}"))
+    g = None
+    try:
+        g = float(guidance)
+        if not math.isfinite(g):
+            raise ValueError
+    except (TypeError, ValueError):
+        problems.append(Problem(f"guidance must be a number, got {guidance!r}"))
+        g = None
+    s = _whole(seed, "seed", problems)
+    if s is not None and not 0 <= s <= MAX_SEED:
+        problems.append(Problem(f"seed must be between 0 and {MAX_SEED}, got {s}"))
+    cs = _whole(condition_size, "condition size", problems)
+    if cs is not None and (cs % 16 != 0 or cs < 16):
+        problems.append(Problem(f"condition size must be a positive multiple of 16, got {cs}"))
+    return h, w, n_steps, g, s, cs
+
+
+def _check_subjects(prompt: str, rows: Sequence[tuple[str | None, str | None]], problems: list[Problem]) -> list[tuple[str, str]]:
+    from musar.images import load_reference
+    from musar.spans import find_phrase_chars
+
+    subjects: list[tuple[str, str]] = []
+    matched: list[str] = []
+    for k, (image, phrase) in enumerate(rows):
+        phrase = (phrase or "").strip()
+        if not image and not phrase:
+            continue  # an added row left blank is not a mistake worth blocking on
+        if not image:
+            problems.append(Problem("upload a reference image", k))
+        if not phrase:
+            problems.append(Problem("type the phrase that names this subject in the prompt", k))
+        image_ok = bool(image) and _check(problems, load_reference, image, 16, subject=k)
+        phrase_ok = False
+        if phrase and prompt:
+            # Match against the phrases accepted so far, in order as the pipeline does, so each
+            # row whose phrase is missing or overlapping gets its own message.
+            phrase_ok = _check(problems, find_phrase_chars, prompt, [*matched, phrase], subject=k)
+            if phrase_ok:
+                matched.append(phrase)
+        if image_ok and phrase_ok:
+            subjects.append((str(image), phrase))
+    if not rows or all(not image and not (phrase or "").strip() for image, phrase in rows):
+        problems.append(Problem("add at least one subject: a reference image and its phrase"))
+    return subjects
+
+
+def check_request(
+    prompt: str | None,
+    rows: Sequence[tuple[str | None, str | None]],
+    height: Any,
+    width: Any,
+    steps: Any,
+    guidance: Any,
+    seed: Any,
+    condition_size: Any = 512,
+    condition_fit: str = DEFAULT_CONDITION_FIT,
+    dynamic_routing: bool = True,
+    attention: str = DEFAULT_ATTENTION,
+) -> tuple[Request | None, list[Problem]]:
+    """The form's values as a :class:`Request`, or None with every problem found (not just the first)."""
+    problems: list[Problem] = []
+    prompt = (prompt or "").strip()
+    if not prompt:
+        problems.append(Problem("the prompt is empty"))
+    subjects = _check_subjects(prompt, rows, problems)
+    h, w, n_steps, g, s, cs = _check_numbers(height, width, steps, guidance, seed, condition_size, problems)
+    if condition_fit not in CONDITION_FITS:
+        problems.append(Problem(f"unknown reference fit {condition_fit!r}; expected one of {list(CONDITION_FITS)}"))
+    if attention not in ATTENTION_BACKENDS:
+        problems.append(Problem(f"unknown attention backend {attention!r}; expected one of {list(ATTENTION_BACKENDS)}"))
+    if problems:
+        return None, problems
+    assert h is not None and w is not None and n_steps is not None and g is not None and s is not None and cs is not None
+    request = Request(
+        prompt, tuple(subjects), h, w, n_steps, g, s, cs, condition_fit, bool(dynamic_routing), attention
+    )
+    return request, []
+
+
+def problems_html(problems: Sequence[Problem], title: str = "Cannot generate") -> str:
+    """An alert box listing every problem; empty string (nothing shown) when there are none."""
+    if not problems:
+        return ""
+    items = "".join(f"<li>{html.escape(p.text(), quote=False)}</li>" for p in problems)
+    return (
+        '<div class="musar-error" role="alert" style="border:1px solid #d33;background:#fff0f0;'
+        f'color:#8a0000;padding:8px 12px;border-radius:6px"><b>{html.escape(title, quote=False)}:</b><ul>{items}</ul></div>'
+    )
+
+
+def row_hint(problems: Sequence[Problem], subject: int) -> str:
+    """The problems of one subject row, shown under that row."""
+    mine = [p for p in problems if p.subject == subject]
+    if not mine:
+        return ""
+    return "".join(f'<div style="color:#b00000;font-size:0.9em">{html.escape(p.message, quote=False)}</div>' for p in mine)
+
+
+def cli_command(
+    source: ModelSource, request: Request, out: str | Path, routing_maps: str | Path | None = None
+) -> str:
+    """A ``musar generate`` command line that reproduces ``request``'s image, one option a line."""
+    lines: list[list[str]] = [["musar", "generate"], source.cli_args(), ["--prompt", request.prompt]]
+    lines += [["--subject", str(Path(image).resolve()), phrase] for image, phrase in request.subjects]
+    lines += [
+        ["--height", str(request.height), "--width", str(request.width)],
+        ["--steps", str(request.steps), "--guidance", repr(request.guidance), "--seed", str(request.seed)],
+        ["--condition-size", str(request.condition_size), "--condition-fit", request.condition_fit],
+        ["--attention", request.attention, *([] if request.dynamic_routing else ["--no-dynamic-routing"])],
+        ["--out", str(Path(out).resolve())],
+    ]
+    if routing_maps is not None:
+        lines.append(["--routing-maps", str(Path(routing_maps).resolve())])
+    return " \\\n  ".join(shlex.join(line) for line in lines if line)
+
+
+@dataclass
+class Record:
+    """One result of this app run, as the gallery lists it."""
+
+    index: int
+    folder: str
+    image: str
+    request: Request
+    command: str
+    routing_grid: str | None = None
+    route_overlay: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def caption(self) -> str:
+        r = self.request
+        phrases = ", ".join(p for _, p in r.subjects)
+        routing = "dynamic" if r.dynamic_routing else "static"
+        return (
+            f"#{self.index} · {r.width}x{r.height} · {r.steps} steps · guidance {r.guidance:g} · seed {r.seed} · "
+            f"{routing} routing, {r.attention} · {phrases}"
+        )
+
+    def params(self) -> dict[str, Any]:
+        """Everything that made this image, for the gallery's detail view and params.json."""
+        out = asdict(self)
+        out["request"]["subjects"] = [{"image": i, "phrase": p} for i, p in self.request.subjects]
+        out["timings"] = {k: round(v, 3) for k, v in self.timings.items()}
+        return out
