@@ -61,6 +61,17 @@ def test_dynamic_routing_changes_the_image(pipe: MusarPipeline) -> None:
     assert np.abs(_run(pipe, attention="reference").astype(int) - on.astype(int)).max() <= 2
 
 
+def test_independent_conditions_build_the_cache_once(pipe: MusarPipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Cached == uncached is tested at the transformer level (tests/test_speed.py); here: the
+    # pipeline builds the cache once per call, not once per step.
+    calls = []
+    build = pipe.transformer.build_condition_cache
+    monkeypatch.setattr(pipe.transformer, "build_condition_cache", lambda *a, **k: calls.append(1) or build(*a, **k))
+    cached = _run(pipe, independent_conditions=True, num_inference_steps=3)
+    assert calls == [1]
+    assert not np.array_equal(cached, _run(pipe, num_inference_steps=3))
+
+
 def test_loads_from_a_local_folder(pipe: MusarPipeline, tmp_path: Path) -> None:
     pipe.save_pretrained(tmp_path / "flux")
     loaded = MusarPipeline.from_pretrained(tmp_path / "flux")

@@ -1,29 +1,48 @@
-"""Routed joint attention: a diffusers attention processor plus two interchangeable backends.
+"""Routed joint attention: a diffusers attention processor plus interchangeable backends.
 
 :class:`MusarAttnProcessor` plugs into diffusers' ``FluxAttention`` seam (``set_processor``).
 It computes q/k/v with the module's own projections, RMSNorms and diffusers' RoPE, then hands
 them to :class:`LayerRouting`, which
 
-1. derives each NOISE query's route from the *same* q/k (dynamic routing, DESIGN sec. 4), and
-2. runs the attention under the routing rules with one of two backends:
+1. derives each NOISE query's route from the *same* q/k (dynamic routing, DESIGN sec. 4), as
+   one fused attention call (:func:`~musar.routing.subject_affinity_fused`), and
+2. runs the attention under the routing rules with one of the backends:
 
 * ``reference`` — a dense boolean (B, H|1, L, L) mask into SDPA. Obviously correct, slow.
 * ``fast`` — no L x L tensor at all: queries are grouped by what they may see (PROMPT, each
   condition, and NOISE queries bucketed by route), and each group runs one *unmasked* SDPA over
   exactly the keys it may see. Work is proportional to the unmasked blocks.
+* ``flex`` — one FlexAttention call with a block mask built from the layout and routes
+  (:mod:`musar.flex`).
+* ``auto`` — flex on CUDA, fast elsewhere (:func:`~musar.routing.resolve_backend`).
+
+With a condition cache (:mod:`musar.cache`) the same code serves the cached forward: its q
+holds only [PROMPT, NOISE] rows and its k/v get the cached condition keys appended; a
+:class:`~musar.routing.SegmentMap` per tensor tells every backend where each group sits.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 
 from musar.layout import TokenLayout
-from musar.routing import RoutingOptions, routed_mask, routes_from_affinity, subject_affinity
+from musar.routing import (
+    RoutingOptions,
+    SegmentMap,
+    routed_mask,
+    routes_from_affinity,
+    span_values,
+    subject_affinity_fused,
+)
+
+if TYPE_CHECKING:
+    from musar.cache import ConditionCache
 
 
 @dataclass
@@ -38,16 +57,35 @@ class RouteRecord:
 
 @dataclass
 class RoutingContext:
-    """Everything one transformer forward needs to route attention; shared by all its layers."""
+    """Everything one transformer forward needs to route attention; shared by all its layers.
+
+    ``cache`` with ``cache_write=False``: q/k/v hold [PROMPT, NOISE] rows only and the cached
+    condition K/V are appended to k/v (``layout`` is the full layout with conditions). With
+    ``cache_write=True``: q/k/v hold the condition rows of a condition-only ``layout`` and
+    every layer's k/v are stored into the cache.
+    """
 
     layout: TokenLayout
     options: RoutingOptions = field(default_factory=RoutingOptions)
     spans: torch.Tensor | None = None  # (B, c, 2) subject spans in the main prompt
     step: int = 0
     capture: Callable[[RouteRecord], None] | None = None
+    cache: ConditionCache | None = None
+    cache_write: bool = False
+    memo: dict[Any, Any] = field(default_factory=dict, repr=False)  # per-forward constants
 
     def layer(self, index: int) -> LayerRouting:
         return LayerRouting(self, index)
+
+    def maps(self) -> tuple[SegmentMap, SegmentMap]:
+        """Where each token group sits in this forward's q and in its k/v."""
+        if "maps" not in self.memo:
+            lay = self.layout
+            cached = self.cache is not None and not self.cache_write
+            self.memo["maps"] = (
+                (SegmentMap.main_rows(lay), SegmentMap.cached_keys(lay)) if cached else (SegmentMap.of(lay),) * 2
+            )
+        return self.memo["maps"]
 
 
 @dataclass
@@ -55,15 +93,26 @@ class LayerRouting:
     ctx: RoutingContext
     index: int
 
-    def compute_routes(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    def compute_routes(
+        self, q: torch.Tensor, k: torch.Tensor, q_map: SegmentMap | None = None, k_map: SegmentMap | None = None
+    ) -> torch.Tensor | None:
         ctx, layout = self.ctx, self.ctx.layout
+        q_map = q_map or SegmentMap.of(layout)
+        k_map = k_map or q_map
+        if q_map.noise.stop == q_map.noise.start:
+            return None
         if not ctx.options.dynamic_active(self.index, ctx.step, layout.num_conditions):
             return None
         if ctx.spans is None:
             raise ValueError("dynamic routing with 2+ conditions needs the subject spans of the prompt")
+        h, d = q.shape[1], q.shape[3]
+        key = ("span_values", q.device, q.dtype, h, d)
+        if key not in ctx.memo:  # once per forward: it reads the spans on the host
+            ctx.memo[key] = span_values(ctx.spans.to(q.device), layout.prompt, h, d, q.dtype)
         with torch.no_grad():  # routes are an argmax: no gradient flows through them
-            affinity = subject_affinity(
-                q[:, :, layout.noise_slice], k[:, :, layout.prompt_slice], ctx.spans, per_head=ctx.options.per_head
+            affinity = subject_affinity_fused(
+                q[:, :, q_map.noise], k[:, :, k_map.prompt], ctx.spans,
+                per_head=ctx.options.per_head, values=ctx.memo[key],
             )
             routes = routes_from_affinity(affinity)
         if ctx.capture is not None:
@@ -71,18 +120,34 @@ class LayerRouting:
         return routes
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Routed attention over (B, H, L, d) tensors in layout order."""
+        """Routed attention over (B, H, L, d) tensors (layout order unless a cache is read)."""
         ctx = self.ctx
         layout, opts = ctx.layout, ctx.options
+        if ctx.cache is not None:
+            if ctx.cache_write:
+                ctx.cache.store(self.index, k, v)
+            else:
+                k, v = ctx.cache.extend(self.index, k, v)
         if layout.num_conditions == 0:
             return F.scaled_dot_product_attention(q, k, v)
-        routes = self.compute_routes(q, k)
-        if opts.backend == "reference":
-            mask = routed_mask(layout, routes, independent_conditions=opts.independent_conditions, static=opts.static)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.device))
-        return fast_routed_attention(
-            q, k, v, layout, routes, independent_conditions=opts.independent_conditions, static=opts.static
-        )
+        q_map, k_map = ctx.maps()
+        routes = self.compute_routes(q, k, q_map, k_map)
+        backend = opts.resolved_backend(q.device)
+        rules = {"independent_conditions": opts.independent_conditions, "static": opts.static}
+        if backend == "reference":
+            mask = routed_mask(layout, routes, **rules).to(q.device)
+            if q_map != SegmentMap.of(layout) or k_map != q_map:
+                mask = mask[:, :, q_map.layout_positions(layout).to(q.device)]
+                mask = mask[..., k_map.layout_positions(layout).to(q.device)]
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if backend == "flex":
+            from musar.flex import flex_routed_attention, flex_statics
+
+            key = ("flex", q.device)
+            if key not in ctx.memo:
+                ctx.memo[key] = flex_statics(q_map, k_map, **rules, device=q.device)
+            return flex_routed_attention(q, k, v, layout, routes, **rules, statics=ctx.memo[key])
+        return fast_routed_attention(q, k, v, layout, routes, **rules, q_map=q_map, k_map=k_map)
 
 
 def _take(x: torch.Tensor, slices: Sequence[slice]) -> torch.Tensor:
@@ -103,31 +168,48 @@ def fast_routed_attention(
     *,
     independent_conditions: bool = False,
     static: bool = True,
+    q_map: SegmentMap | None = None,
+    k_map: SegmentMap | None = None,
 ) -> torch.Tensor:
-    """Exact routed attention without any L x L tensor (see module docstring)."""
+    """Exact routed attention without any L x L tensor (see module docstring).
+
+    ``q_map`` / ``k_map`` say where each token group sits in q and in k/v (default: layout
+    order); query groups with no rows are skipped.
+    """
+    qm = q_map or SegmentMap.of(layout)
+    km = k_map or qm
     c = layout.num_conditions
-    everything = [slice(0, layout.total)]
-    prompt, noise = layout.prompt_slice, layout.noise_slice
+    everything = [slice(0, km.length)]
     pieces: dict[int, torch.Tensor] = {}  # query segment start -> output rows
 
+    def rows(s: slice) -> int:
+        return s.stop - s.start
+
     # PROMPT queries see PROMPT + NOISE (everything without static routing).
-    pieces[prompt.start] = _sdpa(q[:, :, prompt], k, v, [prompt, noise] if static else everything)
+    if rows(qm.prompt):
+        pieces[qm.prompt.start] = _sdpa(q[:, :, qm.prompt], k, v, [km.prompt, km.noise] if static else everything)
 
     # Condition k's queries (CT^k and CI^k) see their own condition, plus NOISE unless independent.
     for i in range(c):
-        ct, ci = layout.cond_slices(i)
-        kv = ([ct, ci] if independent_conditions else [ct, noise, ci]) if static else everything
+        ct, ci = qm.cond(i)
+        if rows(ct) + rows(ci) == 0:
+            continue
+        kct, kci = km.cond(i)
+        kv = ([kct, kci] if independent_conditions else [kct, km.noise, kci]) if static else everything
         out = _sdpa(_take(q, [ct, ci]), k, v, kv)
-        pieces[ct.start], pieces[ci.start] = out.split([ct.stop - ct.start, ci.stop - ci.start], dim=2)
+        for s, part in zip((ct, ci), out.split([rows(ct), rows(ci)], dim=2)):
+            if rows(s):  # an empty segment may share its start with the next one
+                pieces[s.start] = part
 
     # NOISE queries: everything, or (routed) PROMPT + NOISE + their one condition.
-    qn = q[:, :, noise]
-    if routes is None:
-        pieces[noise.start] = _sdpa(qn, k, v, everything)
-    else:
-        # Dynamic routing restricts NOISE rows with or without static routing.
-        kv_for = [[prompt, noise, *layout.cond_slices(i)] for i in range(c)]
-        pieces[noise.start] = _routed_noise(qn, k, v, routes, kv_for)
+    if rows(qm.noise):
+        qn = q[:, :, qm.noise]
+        if routes is None:
+            pieces[qm.noise.start] = _sdpa(qn, k, v, everything)
+        else:
+            # Dynamic routing restricts NOISE rows with or without static routing.
+            kv_for = [[km.prompt, km.noise, *km.cond(i)] for i in range(c)]
+            pieces[qm.noise.start] = _routed_noise(qn, k, v, routes, kv_for)
 
     return torch.cat([pieces[s] for s in sorted(pieces)], dim=2)
 

@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, str] = {
     "data": "musar.data.cli",
     "eval": "musar.eval.cli",
     "ui": "musar.ui.cli",
+    "bench": "musar.bench",
 }
 
 

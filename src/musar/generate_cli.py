@@ -33,7 +33,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="musar.png", help="output PNG; a .json sidecar is written next to it")
     p.add_argument("--routing-maps", default=None, metavar="DIR", help="write routing maps (Fig. 5 style) here")
     p.add_argument("--no-dynamic-routing", action="store_true", help="static routing only")
-    p.add_argument("--attention", choices=["reference", "fast"], default="fast", help="routed attention backend")
+    p.add_argument(
+        "--attention", choices=["auto", "fast", "flex", "reference"], default="auto",
+        help="routed attention backend: auto = flex on CUDA, fast elsewhere; reference = dense mask (slow)",
+    )
+    p.add_argument(
+        "--independent-conditions", action="store_true",
+        help="conditions never see the noisy image (needs a LoRA trained so); caches their K/V across steps",
+    )
     p.add_argument("--offload", choices=["none", "model", "sequential"], default="none", help="CPU offload for low VRAM")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.set_defaults(func=run)
@@ -85,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         condition_fit=args.condition_fit,
         dynamic_routing=not args.no_dynamic_routing,
         attention=args.attention,
+        independent_conditions=args.independent_conditions,
         return_routing=bool(args.routing_maps),
     )
     image = result.images[0]
@@ -118,6 +126,7 @@ def _sidecar(args: argparse.Namespace, pipe: Any, timings: dict[str, float]) -> 
         "condition_fit": args.condition_fit,
         "dynamic_routing": not args.no_dynamic_routing,
         "attention": args.attention,
+        "independent_conditions": args.independent_conditions,
         "offload": args.offload,
         "dtype": args.dtype,
         "device": str(pipe._execution_device),

@@ -108,7 +108,8 @@ class MusarPipeline(FluxPipeline):
         condition_timestep: float = 0.0,
         dynamic_routing: bool = True,
         static_routing: bool = True,
-        attention: str = "fast",
+        attention: str = "auto",
+        independent_conditions: bool = False,
         routing: RoutingOptions | None = None,
         return_routing: bool = False,
         latents: torch.Tensor | None = None,
@@ -125,7 +126,10 @@ class MusarPipeline(FluxPipeline):
             phrase_tokens: T5 tokens per subject phrase (m').
             condition_timestep: t_cond for the conditions' AdaLN modulation (0 = clean).
             dynamic_routing / static_routing / attention: routing switches, ignored when a full
-                ``routing`` (:class:`RoutingOptions`) is given.
+                ``routing`` (:class:`RoutingOptions`) is given. ``attention="auto"``: FlexAttention
+                on CUDA, the ``fast`` grouped-SDPA backend elsewhere.
+            independent_conditions: conditions never see NOISE (only for weights trained so); their
+                K/V are then computed once and cached for every step.
             return_routing: also return S* and routes per step (for routing maps).
         """
         t0 = time.perf_counter()
@@ -137,7 +141,10 @@ class MusarPipeline(FluxPipeline):
         check_steps(num_inference_steps)
         if condition_size % 16 != 0 or condition_size < 16:
             raise MusarError(f"condition size must be a positive multiple of 16, got {condition_size}")
-        routing = routing or RoutingOptions(dynamic=dynamic_routing, static=static_routing, backend=attention)  # type: ignore[arg-type]
+        routing = routing or RoutingOptions(
+            dynamic=dynamic_routing, static=static_routing, backend=attention,  # type: ignore[arg-type]
+            independent_conditions=independent_conditions,
+        )
         images = [load_reference(img, condition_size, condition_fit) for img, _ in subjects]
         phrases = [phrase for _, phrase in subjects]
         spans = find_subject_spans(prompt, phrases, self.tokenizer_2, max_sequence_length)
@@ -176,6 +183,9 @@ class MusarPipeline(FluxPipeline):
         if self.transformer.config.guidance_embeds:
             guidance = torch.full((batch,), guidance_scale, device=device, dtype=torch.float32)
         recorder = RoutingRecorder() if return_routing else None
+        cache = None
+        if routing.independent_conditions:  # condition K/V do not change across steps: compute once
+            cache = self.transformer.build_condition_cache(conditions, pooled, guidance, routing)
 
         self.scheduler.set_begin_index(0)
         self.set_progress_bar_config(disable=not progress)
@@ -189,10 +199,11 @@ class MusarPipeline(FluxPipeline):
                     img_ids=image_ids,
                     txt_ids=text_ids,
                     guidance=guidance,
-                    conditions=conditions,
+                    conditions=None if cache is not None else conditions,
                     routing=routing,
                     step_index=i,
                     capture=recorder,
+                    condition_cache=cache,
                 ).sample
                 latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
                 bar.update()

@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 from musar.layout import Kind, TokenLayout
 
-Backend = Literal["fast", "reference"]
+Backend = Literal["auto", "fast", "flex", "reference"]
+BACKENDS: tuple[str, ...] = ("auto", "fast", "flex", "reference")
 
 
 @dataclass
@@ -30,16 +32,100 @@ class RoutingOptions:
     start_layer: int = field(default=0, metadata={"help": "First layer (double blocks first, then single) where dynamic routing applies."})
     start_step: int = field(default=0, metadata={"help": "First denoising step where dynamic routing applies."})
     independent_conditions: bool = field(default=False, metadata={"help": "Also block COND -> NOISE so condition K/V can be cached (ours; needs weights trained this way)."})
-    backend: Backend = field(default="fast", metadata={"help": "'fast' (no L x L mask) or 'reference' (dense mask into SDPA)."})
+    backend: Backend = field(default="auto", metadata={"help": "'auto' (flex on CUDA, fast elsewhere), 'fast' (grouped SDPA, no L x L mask), 'flex' (FlexAttention block mask) or 'reference' (dense mask into SDPA)."})
 
     def __post_init__(self) -> None:
-        if self.backend not in ("fast", "reference"):
-            raise ValueError(f"unknown attention backend {self.backend!r}; expected 'fast' or 'reference'")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown attention backend {self.backend!r}; expected one of {', '.join(BACKENDS)}")
         if self.start_layer < 0 or self.start_step < 0:
             raise ValueError("start_layer and start_step must be >= 0")
 
     def dynamic_active(self, layer: int, step: int, num_conditions: int) -> bool:
         return self.dynamic and num_conditions >= 2 and layer >= self.start_layer and step >= self.start_step
+
+    def resolved_backend(self, device: torch.device | str) -> str:
+        return resolve_backend(self.backend, device)
+
+
+def resolve_backend(backend: str, device: torch.device | str) -> str:
+    """The concrete backend ``backend`` means on ``device``.
+
+    ``auto`` picks FlexAttention on CUDA: it is one fused kernel per call with no host sync, so
+    it also works inside ``torch.compile`` graphs and CUDA graphs, and its cost follows the kept
+    blocks. Everywhere else flex only has an unfused, forward-only implementation, so ``auto``
+    falls back to ``fast``. ``musar bench`` measures both; see bench/README.md.
+    """
+    if backend != "auto":
+        return backend
+    return "flex" if torch.device(device).type == "cuda" else "fast"
+
+
+@dataclass(frozen=True)
+class SegmentMap:
+    """Where each token group sits along the sequence axis of one q or k/v tensor.
+
+    The layout says which tokens exist; a map says where a tensor holds them. Attention usually
+    sees every token in layout order (:meth:`of`), but the cached forward has no condition
+    queries (:meth:`main_rows`) and keeps its condition keys after the main ones
+    (:meth:`cached_keys`). Absent groups are empty slices, so every map of a layout has one
+    (CT, CI) pair per condition.
+    """
+
+    prompt: slice
+    noise: slice
+    cond_text: tuple[slice, ...]
+    cond_image: tuple[slice, ...]
+    length: int
+
+    @classmethod
+    def of(cls, layout: TokenLayout) -> SegmentMap:
+        c = range(layout.num_conditions)
+        return cls(
+            layout.prompt_slice,
+            layout.noise_slice,
+            tuple(layout.cond_text_slice(k) for k in c),
+            tuple(layout.cond_image_slice(k) for k in c),
+            layout.total,
+        )
+
+    @classmethod
+    def main_rows(cls, layout: TokenLayout) -> SegmentMap:
+        """[PROMPT, NOISE] only: the query rows of a cached forward."""
+        m, n = layout.prompt, layout.noise
+        none = (slice(m + n, m + n),) * layout.num_conditions
+        return cls(slice(0, m), slice(m, m + n), none, none, m + n)
+
+    @classmethod
+    def cached_keys(cls, layout: TokenLayout) -> SegmentMap:
+        """[PROMPT, NOISE, CT^0..CT^{c-1}, CI^0..CI^{c-1}]: main keys, then a condition cache."""
+        pos = layout.prompt + layout.noise
+        text, image = [], []
+        for length in layout.cond_text:
+            text.append(slice(pos, pos + length))
+            pos += length
+        for length in layout.cond_image:
+            image.append(slice(pos, pos + length))
+            pos += length
+        return cls(slice(0, layout.prompt), slice(layout.prompt, layout.prompt + layout.noise), tuple(text), tuple(image), pos)
+
+    @property
+    def num_conditions(self) -> int:
+        return len(self.cond_text)
+
+    def cond(self, k: int) -> tuple[slice, slice]:
+        return self.cond_text[k], self.cond_image[k]
+
+    def layout_positions(self, layout: TokenLayout) -> torch.Tensor:
+        """(length,) int64: the layout position of every entry of this map, in map order."""
+        pairs = [(self.prompt, layout.prompt_slice), (self.noise, layout.noise_slice)]
+        for k in range(self.num_conditions):
+            pairs += [(self.cond_text[k], layout.cond_text_slice(k)), (self.cond_image[k], layout.cond_image_slice(k))]
+        parts = [
+            torch.arange(lay.start, lay.start + (mine.stop - mine.start))
+            for mine, lay in sorted(pairs, key=lambda p: p[0].start)
+            if mine.stop > mine.start
+        ]
+        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
 
 
 def static_mask(
@@ -141,9 +227,79 @@ def subject_affinity(
     return torch.cat(out, dim=-2)
 
 
+def span_values(
+    spans: torch.Tensor, prompt_len: int, heads: int, head_dim: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The value side of :func:`subject_affinity_fused`, built once per forward.
+
+    Returns (B, heads, m, head_dim) 0/1 span indicators (column k = span k, zero-padded so
+    flash/cuDNN kernels, which want v as wide as q, apply) and (B, 1, 1, c) float32 lengths.
+    Validating the spans reads them on the host, so this belongs outside the per-layer path.
+    """
+    c = spans.shape[1]
+    inside = span_weights(spans, prompt_len) > 0  # (B, m, c); validates the spans
+    values = F.pad(inside.to(dtype), (0, max(0, head_dim - c)))[:, None].expand(-1, heads, -1, -1)
+    return values.contiguous(), spans[..., 1].to(torch.float32)[:, None, None, :]
+
+
+def subject_affinity_fused(
+    q_noise: torch.Tensor,
+    k_prompt: torch.Tensor,
+    spans: torch.Tensor,
+    *,
+    per_head: bool = False,
+    values: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """:func:`subject_affinity` as one fused attention call; what the routed attention uses.
+
+    S*[i, k] is noise query i's softmax over the prompt keys, summed over span k and divided by
+    l_k: an attention whose values are the 0/1 span indicators. Any fused SDPA kernel computes
+    it without materialising the (B, H, n, m) probabilities (the reference's float32 logits
+    would cost a large part of the attention call itself), in the q/k dtype: bf16 on GPU, so
+    S* carries ~3 significant digits, enough to pick a subject. Dividing by l_k in float32 after
+    the call scales subjects with different span lengths exactly alike. ``values``: a cached
+    :func:`span_values` for these shapes.
+    """
+    h, d = q_noise.shape[1], q_noise.shape[3]
+    m, c = k_prompt.shape[2], spans.shape[1]
+    if c > d:  # more subjects than value columns: not worth a special kernel path
+        return subject_affinity(q_noise, k_prompt, spans, per_head=per_head)
+    indicators, lengths = values if values is not None else span_values(spans, m, h, d, q_noise.dtype)
+    sums = F.scaled_dot_product_attention(q_noise, k_prompt, indicators)[..., :c].float()
+    affinity = sums / lengths.to(sums.device)
+    return affinity if per_head else affinity.mean(dim=1)
+
+
 def routes_from_affinity(affinity: torch.Tensor) -> torch.Tensor:
     """r_i = argmax_k S*[i, k] (ties go to the lower condition index)."""
     return affinity.argmax(dim=-1)
+
+
+def class_tables(
+    num_conditions: int, *, independent_conditions: bool = False, static: bool = True
+) -> torch.Tensor:
+    """(2c + 3, c + 3) boolean table: which query class may see which key class.
+
+    The routing rules depend on a token only through its class, so every mask in this project
+    is ``table[q_class[row], k_class[col]]``. Query classes: 0 PROMPT, 1 NOISE without a route,
+    2 + r NOISE routed to condition r, 2 + c + k COND k (CT and CI), 2c + 2 padding. Key
+    classes: 0 PROMPT, 1 NOISE, 2 + k COND k, c + 2 padding. Padding sees and is seen by nothing.
+    """
+    c = num_conditions
+    real = c + 2  # key classes that are actual tokens
+    table = torch.zeros(2 * c + 3, c + 3, dtype=torch.bool)
+    table[0, :real] = not static
+    table[0, :2] = True
+    table[1, :real] = True
+    for r in range(c):  # dynamic routing restricts NOISE rows with or without static routing
+        table[2 + r, [0, 1, 2 + r]] = True
+    for k in range(c):
+        row = table[2 + c + k]
+        if not static:
+            row[:real] = True
+        row[2 + k] = True
+        row[1] |= not independent_conditions
+    return table
 
 
 def kept_fraction(mask: torch.Tensor) -> float:

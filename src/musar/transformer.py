@@ -9,7 +9,10 @@ It *is* a diffusers ``FluxTransformer2DModel`` (same modules, same config, same
 * gives condition tokens their own position ids (:func:`condition_image_ids`),
 * threads a :class:`~musar.attention.RoutingContext` through every block's attention.
 
-With no conditions it computes exactly what ``FluxTransformer2DModel.forward`` computes.
+With no conditions it computes exactly what ``FluxTransformer2DModel.forward`` computes. With
+``independent_conditions`` the condition rows can be computed once per image
+(:meth:`MusarTransformer.build_condition_cache`) and every step then runs only the PROMPT and
+NOISE rows (``forward(..., condition_cache=cache)``), see :mod:`musar.cache`.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from musar.attention import MusarAttnProcessor, RouteRecord, RoutingContext
 from musar.blocks import double_block_forward, single_block_forward
+from musar.cache import ConditionCache
 from musar.layout import TokenLayout
 from musar.routing import RoutingOptions
 
@@ -105,6 +109,7 @@ class MusarTransformer(FluxTransformer2DModel):
         step_index: int = 0,
         capture: Callable[[RouteRecord], None] | None = None,
         return_dict: bool = True,
+        condition_cache: ConditionCache | None = None,
     ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
         """Predict the flow for the NOISE tokens.
 
@@ -112,8 +117,18 @@ class MusarTransformer(FluxTransformer2DModel):
         (timestep and guidance in [0, 1]). ``conditions`` adds the references; ``routing`` picks
         routing options (defaults: the paper's); ``step_index`` is the denoising step (for
         ``RoutingOptions.start_step``); ``capture`` receives every routing decision.
+        ``condition_cache`` (instead of ``conditions``) reads the references' keys/values from
+        :meth:`build_condition_cache`; ``routing`` then defaults to the cache's options.
         """
         self.use_musar_attention()
+        if condition_cache is not None:
+            if conditions is not None and conditions.num > 0:
+                raise ValueError("pass either conditions or a condition_cache, not both")
+            output = self._cached_forward(
+                hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
+                guidance, condition_cache, routing, step_index, capture,
+            )
+            return Transformer2DModelOutput(sample=output) if return_dict else (output,)
         batch = hidden_states.shape[0]
         cond = conditions if conditions is not None and conditions.num > 0 else None
         layout = TokenLayout(
@@ -149,6 +164,24 @@ class MusarTransformer(FluxTransformer2DModel):
         ctx = RoutingContext(
             layout, routing or RoutingOptions(), cond.spans if cond else None, step_index, capture
         )
+        joint = self._run_blocks(image, text, temb, temb_cond, rotary, layout, ctx)
+        noise = joint[:, layout.noise_slice]
+        output = self.proj_out(self.norm_out(noise, temb))
+        if not return_dict:
+            return (output,)
+        return Transformer2DModelOutput(sample=output)
+
+    def _run_blocks(
+        self,
+        image: torch.Tensor,
+        text: torch.Tensor,
+        temb: torch.Tensor,
+        temb_cond: torch.Tensor | None,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        layout: TokenLayout,
+        ctx: RoutingContext,
+    ) -> torch.Tensor:
+        """Every block on the streams; ``layout`` describes the rows the streams hold."""
         run = self._maybe_checkpoint
         for i, block in enumerate(self.transformer_blocks):
             text, image = run(double_block_forward, block, image, text, temb, temb_cond, rotary, layout, ctx.layer(i))
@@ -156,12 +189,79 @@ class MusarTransformer(FluxTransformer2DModel):
         offset = len(self.transformer_blocks)
         for j, block in enumerate(self.single_transformer_blocks):
             joint = run(single_block_forward, block, joint, temb, temb_cond, rotary, layout, ctx.layer(offset + j))
+        return joint
 
-        noise = joint[:, layout.noise_slice]
-        output = self.proj_out(self.norm_out(noise, temb))
-        if not return_dict:
-            return (output,)
-        return Transformer2DModelOutput(sample=output)
+    @torch.no_grad()
+    def build_condition_cache(
+        self,
+        conditions: ConditionInputs,
+        pooled_projections: torch.Tensor,
+        guidance: torch.Tensor | None = None,
+        routing: RoutingOptions | None = None,
+    ) -> ConditionCache:
+        """Run the condition rows alone through every block and keep each layer's keys/values.
+
+        Valid only with ``independent_conditions=True`` (the default here): then condition rows
+        never see PROMPT or NOISE, so this equals what every step of the full forward computes.
+        ``pooled_projections`` and ``guidance`` must be the ones the denoising steps will use.
+        """
+        self.use_musar_attention()
+        options = routing or RoutingOptions(independent_conditions=True)
+        cache = ConditionCache(
+            cond_image=tuple(x.shape[1] for x in conditions.image_latents),
+            cond_text=tuple(x.shape[1] for x in conditions.text_embeds),
+            options=options,
+            spans=conditions.spans,
+            pooled_projections=pooled_projections.detach(),
+            guidance=None if guidance is None else guidance.detach(),
+            timestep=float(conditions.timestep),
+        )
+        layout = cache.cond_layout
+        if self.lora_plan is not None:
+            self.lora_plan.set(layout)
+        image = self.x_embedder(torch.cat(list(conditions.image_latents), dim=1))
+        text = self.context_embedder(torch.cat(list(conditions.text_embeds), dim=1))
+        t_cond = torch.full((pooled_projections.shape[0],), cache.timestep, device=image.device)
+        temb_cond = self._time_embedding(t_cond, guidance, pooled_projections, image.dtype)
+        ids = [conditions.image_ids[0].new_zeros(x.shape[1], 3) for x in conditions.text_embeds]
+        rotary = self.pos_embed(torch.cat(ids + [i.to(ids[0]) for i in conditions.image_ids], dim=0))
+        ctx = RoutingContext(layout, options, None, cache=cache, cache_write=True)
+        self._run_blocks(image, text, temb_cond, temb_cond, rotary, layout, ctx)
+        return cache
+
+    def _cached_forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        pooled_projections: torch.Tensor,
+        timestep: torch.Tensor,
+        img_ids: torch.Tensor,
+        txt_ids: torch.Tensor,
+        guidance: torch.Tensor | None,
+        cache: ConditionCache,
+        routing: RoutingOptions | None,
+        step_index: int,
+        capture: Callable[[RouteRecord], None] | None,
+    ) -> torch.Tensor:
+        """Only PROMPT and NOISE rows; their attention also reads the cached condition keys."""
+        options = routing or cache.options
+        cache.check_inputs(pooled_projections, guidance, options)
+        if hidden_states.shape[0] != cache.batch:
+            raise ValueError(f"the condition cache holds {cache.batch} samples, the batch has {hidden_states.shape[0]}")
+        streams = TokenLayout(prompt=encoder_hidden_states.shape[1], noise=hidden_states.shape[1])
+        if self.lora_plan is not None:
+            self.lora_plan.set(streams)  # no condition rows in the streams: no subject-branch rows
+        image = self.x_embedder(hidden_states)
+        text = self.context_embedder(encoder_hidden_states)
+        temb = self._time_embedding(timestep, guidance, pooled_projections, image.dtype)
+        txt_ids = txt_ids[0] if txt_ids.ndim == 3 else txt_ids
+        img_ids = img_ids[0] if img_ids.ndim == 3 else img_ids
+        rotary = self.pos_embed(torch.cat([txt_ids, img_ids], dim=0))
+        ctx = RoutingContext(
+            cache.layout(streams.prompt, streams.noise), options, cache.spans, step_index, capture, cache=cache
+        )
+        joint = self._run_blocks(image, text, temb, None, rotary, streams, ctx)
+        return self.proj_out(self.norm_out(joint[:, streams.noise_slice], temb))
 
     def _maybe_checkpoint(self, fn: Callable[..., Any], *args: Any) -> Any:
         if torch.is_grad_enabled() and self.gradient_checkpointing:
