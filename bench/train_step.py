@@ -6,9 +6,12 @@ Full-size FLUX.1-dev architecture with random bf16 weights, gradient checkpointi
 
 * ``plain``  -- a plain FLUX LoRA step: no references, one rank-128 LoRA on every row
   (``mode="shared"``), i.e. what a standard FLUX LoRA fine-tune does;
-* ``concat`` -- the same diptych step with both references concatenated but no routing (static and
-  dynamic routing off), with MUSAR's dual-branch LoRA (noise rank 4, subject rank 128);
-* ``musar``  -- the real step: dual-branch LoRA, static + dynamic routing (``fast`` backend).
+* ``concat`` -- the same diptych step with both references' tokens (image latents + phrase
+  tokens) simply appended to the streams: one unmasked attention, no routing, the same rank-128
+  LoRA on every row (DESIGN sec. 9's "two references concatenated" setting);
+* ``musar``  -- the real step: conditions with t_cond modulation, dual-branch LoRA (noise rank 4 on
+  noise rows, subject rank 128 on condition rows, none on the prompt), static + dynamic routing
+  (``fast`` backend, SDPA restricted to FlashAttention / memory-efficient kernels).
 
 Each step is what ``musar train`` runs per batch after encoding: rectified-flow loss on the noise
 tokens, backward, gradient clipping, AdamW. Encoders (VAE, T5, CLIP) are not part of the step.
@@ -87,42 +90,48 @@ def build_model(config: dict[str, Any], device: torch.device, dtype: torch.dtype
     return model
 
 
-def make_batch(model: MusarTransformer, shape: Shape, c: int, device: torch.device, dtype: torch.dtype) -> EncodedBatch:
+def make_batch(model: MusarTransformer, shape: Shape, mode: str, device: torch.device, dtype: torch.dtype) -> EncodedBatch:
+    """Random encoded inputs. ``concat`` appends the references' tokens to the image and text
+    streams as plain tokens (no conditions, so no routing, no per-token modulation: one SDPA
+    call over everything), exactly the naive concatenation of DESIGN sec. 9."""
     cfg = model.config
-    g = torch.Generator(device="cpu").manual_seed(c)
+    g = torch.Generator(device="cpu").manual_seed(0)
 
     def rand(*s: int) -> torch.Tensor:
         return torch.randn(*s, generator=g).to(device, dtype)
 
+    c = 0 if mode == "plain" else 2
     grid, cgrid = (shape.height // 16, shape.width // 16), (shape.cond // 16, shape.cond // 16)
-    spans = torch.tensor([[[2 + 6 * k, 4] for k in range(c)]], device=device) if c else None
-    conditions = ConditionInputs(
-        image_latents=[rand(1, math.prod(cgrid), cfg.in_channels) for _ in range(c)],
-        text_embeds=[rand(1, shape.phrase, cfg.joint_attention_dim) for _ in range(c)],
-        image_ids=[condition_image_ids(k, *cgrid, device, dtype) for k in range(c)],
-        spans=spans,
-    )
+    latents = rand(1, math.prod(grid), cfg.in_channels)
+    ids = latent_image_ids(*grid, device, dtype)
+    prompt = rand(1, shape.prompt, cfg.joint_attention_dim)
+    refs = [rand(1, math.prod(cgrid), cfg.in_channels) for _ in range(c)]
+    ref_ids = [condition_image_ids(k, *cgrid, device, dtype) for k in range(c)]
+    phrases = [rand(1, shape.phrase, cfg.joint_attention_dim) for _ in range(c)]
+    if mode == "concat":
+        latents, ids, prompt = torch.cat([latents, *refs], 1), torch.cat([ids, *ref_ids]), torch.cat([prompt, *phrases], 1)
+        refs, ref_ids, phrases = [], [], []
+    spans = torch.tensor([[[2 + 6 * k, 4] for k in range(len(refs))]], device=device) if refs else None
     return EncodedBatch(
-        latents=rand(1, math.prod(grid), cfg.in_channels), latent_ids=latent_image_ids(*grid, device, dtype),
-        prompt_embeds=rand(1, shape.prompt, cfg.joint_attention_dim), pooled=rand(1, cfg.pooled_projection_dim),
-        text_ids=torch.zeros(shape.prompt, 3, device=device, dtype=dtype), conditions=conditions,
+        latents=latents, latent_ids=ids, prompt_embeds=prompt, pooled=rand(1, cfg.pooled_projection_dim),
+        text_ids=torch.zeros(prompt.shape[1], 3, device=device, dtype=dtype),
+        conditions=ConditionInputs(refs, phrases, ref_ids, spans=spans),
     )
 
 
 @dataclass
 class Variant:
     name: str
-    conditions: int
     lora: BranchLoRAConfig
     routing: RoutingOptions
 
 
 def variants(rank: int, noise_rank: int) -> list[Variant]:
+    shared = BranchLoRAConfig(subject_rank=rank, mode="shared")  # one LoRA on every row, as a plain FLUX LoRA
     return [
-        Variant("plain", 0, BranchLoRAConfig(subject_rank=rank, mode="shared"), RoutingOptions(backend="fast")),
-        Variant("concat", 2, BranchLoRAConfig(noise_rank=noise_rank, subject_rank=rank),
-                RoutingOptions(static=False, dynamic=False, backend="fast")),
-        Variant("musar", 2, BranchLoRAConfig(noise_rank=noise_rank, subject_rank=rank), RoutingOptions(backend="fast")),
+        Variant("plain", shared, RoutingOptions(backend="fast")),
+        Variant("concat", shared, RoutingOptions(backend="fast")),
+        Variant("musar", BranchLoRAConfig(noise_rank=noise_rank, subject_rank=rank), RoutingOptions(backend="fast")),
     ]
 
 
@@ -138,7 +147,7 @@ def run_variant(model: MusarTransformer, v: Variant, args: argparse.Namespace, d
     for p in params:
         p.data = p.data.to({"fp32": torch.float32, "bf16": torch.bfloat16}[args.lora_dtype])
     opt = torch.optim.AdamW(params, lr=1e-5)
-    enc = make_batch(model, SHAPES[args.preset], v.conditions, device, dtype)
+    enc = make_batch(model, SHAPES[args.preset], v.name, device, dtype)
     gen = torch.Generator(device=device).manual_seed(0)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 

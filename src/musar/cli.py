@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, str] = {
     "eval": "musar.eval.cli",
     "ui": "musar.ui.cli",
     "bench": "musar.bench",
+    "train": "musar.train.cli",
 }
 
 

@@ -1,0 +1,95 @@
+"""``musar train``: train MUSAR's dual-branch LoRA from a YAML config.
+
+One process::
+
+    musar train --config configs/tiny.yaml
+    musar train --config configs/musar_flux_dev.yaml --output-dir runs/musar --resume latest
+
+Several GPUs (the same command line under accelerate's launcher; see docs/training.md)::
+
+    accelerate launch --config_file configs/accelerate/ddp.yaml -m musar.cli train --config configs/musar_flux_dev.yaml
+
+Exit codes: 0 done, 2 user error (one line on stderr), 3 stopped after too many non-finite
+losses, 130 / 143 interrupted by SIGINT / SIGTERM after saving a checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import signal
+import sys
+
+from musar.errors import MusarError
+
+EXIT_STOPPED = 3
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="train the MUSAR LoRA (single process, or under accelerate launch)",
+        description="Train MUSAR's dual-branch LoRA on the 3-stage curriculum. See docs/training.md.",
+    )
+    p.add_argument("--config", required=True, metavar="FILE", help="YAML config (e.g. configs/tiny.yaml)")
+    p.add_argument("--max-steps", type=_positive, default=None, metavar="N", help="override max_steps")
+    p.add_argument("--output-dir", default=None, metavar="DIR", help="override output_dir")
+    p.add_argument("--resume", default=None, metavar="latest|PATH",
+                   help="continue from the newest checkpoint of the output dir, or from a checkpoint folder")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override any config key, e.g. --set optim.lr=5e-5 (repeatable)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from musar.train.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    changes = {}
+    if args.max_steps is not None:
+        changes["max_steps"] = args.max_steps
+    if args.output_dir is not None:
+        changes["output_dir"] = args.output_dir
+    cfg = dataclasses.replace(cfg, **changes).check()
+
+    from musar.train.loop import TrainingInterrupted, TrainingStopped, train
+
+    try:
+        result = train(cfg, resume=args.resume)
+    except TrainingStopped as e:
+        print(f"musar train: {e}", file=sys.stderr)
+        return EXIT_STOPPED
+    except TrainingInterrupted as e:
+        print(f"musar train: {e}; continue with --resume latest", file=sys.stderr)
+        return 128 + int(e.signum)
+    state = result.state
+    if not result.main_process:
+        return 0
+    print(f"trained {state.step} steps ({state.updates} updates, {state.nonfinite_total} skipped as non-finite)")
+    print(f"LoRA: {result.lora_path}")
+    print(f"checkpoint: {result.checkpoint}")
+    return 0
+
+
+if __name__ == "__main__":  # python -m musar.train.cli ... (accelerate launch -m musar.train.cli ...)
+    from musar.cli import _Parser
+
+    parser = _Parser(prog="musar")
+    add_parser(parser.add_subparsers(dest="command", required=True, parser_class=_Parser))
+    ns = parser.parse_args()
+    try:
+        sys.exit(ns.func(ns))
+    except MusarError as err:
+        print(f"musar train: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(128 + signal.SIGINT)

@@ -1,0 +1,151 @@
+"""What differs between one process, DDP, DeepSpeed ZeRO-2 and FSDP, in one place.
+
+* **one process / DDP**: parameters and optimizer state are whole on every rank; the main process
+  saves them in the pickle-free format of :mod:`musar.train.checkpoint`. Tested (CPU).
+* **FSDP**: the accelerate config wraps every ``BranchLoRALinear`` as an FSDP unit
+  (``use_orig_params`` so frozen base weights and trainable LoRA weights can share a unit;
+  MUSAR's block forwards call block submodules directly, so wrapping whole blocks would bypass
+  FSDP's hooks). The LoRA is gathered one unit at a time with ``summon_full_params``; every rank
+  saves its own optimizer shard (same pickle-free files, one pair per rank), so resuming needs
+  the same number of processes.
+* **DeepSpeed ZeRO-2**: parameters are whole on every rank (ZeRO-2 shards gradients and
+  optimizer state only), so the LoRA is saved as usual; the partitioned optimizer state goes
+  through ``engine.save_checkpoint`` into ``optimizer_backend/`` (DeepSpeed's own format).
+  Gradient accumulation must be 1 there: the engine steps inside ``backward`` and a skipped
+  non-finite micro-batch would desynchronise its counters.
+
+The FSDP LoRA gathering and sharded optimizer save/load were checked with torch FSDP on CPU (gloo,
+2 ranks: the gathered LoRA equals an unsharded run's bit for bit, the reloaded shards equal the
+saved ones); accelerate only runs FSDP and DeepSpeed on GPUs, so the full loop under them is
+not exercised by the CPU test suite.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, parse_flag_from_env
+from torch import nn
+
+from musar.errors import MusarError
+from musar.lora_io import save_branch_lora
+from musar.train import checkpoint as ckpt
+from musar.train.config import TrainConfig
+
+FSDP_PREFIX = "_fsdp_wrapped_module."
+
+
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    cpu = cfg.model.device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU")
+    mp = cfg.model.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if torch.cuda.is_available() and not cpu else "no"
+    # Accumulation is done by the loop (it must be able to drop a whole step on a non-finite
+    # loss); the scheduler is stepped per applied update, not per process (accelerate's default).
+    accelerator = Accelerator(
+        mixed_precision=mp, cpu=cpu, gradient_accumulation_steps=1, step_scheduler_with_optimizer=False
+    )
+    if is_fsdp(accelerator) and cfg.model.preset is None and cfg.model.dtype != cfg.model.lora_dtype:
+        raise MusarError(f"under FSDP the base and LoRA weights share flat parameters and need one dtype: set "
+                         f"model.dtype={cfg.model.lora_dtype} (base {cfg.model.dtype}, LoRA {cfg.model.lora_dtype})")
+    if is_deepspeed(accelerator):
+        if cfg.optim.grad_accumulation != 1:
+            raise MusarError("under DeepSpeed, set optim.grad_accumulation to 1 (raise batch_size or add GPUs instead)")
+        # We do not hand a DataLoader to accelerate (the curriculum stream shards itself), so
+        # DeepSpeed cannot infer its micro-batch size.
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.optim.batch_size
+    return accelerator
+
+
+def is_fsdp(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def is_deepspeed(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def any_across(accelerator: Accelerator, *flags: bool) -> list[bool]:
+    """For each flag: is it set on any process? (One small all-reduce for all of them.)"""
+    local = torch.tensor([float(f) for f in flags], device=accelerator.device)
+    total = accelerator.reduce(local, reduction="sum") if accelerator.num_processes > 1 else local
+    return [bool(v > 0) for v in total.tolist()]
+
+
+def mean_across(accelerator: Accelerator, value: float) -> float:
+    if accelerator.num_processes == 1:
+        return value
+    t = torch.tensor([value], device=accelerator.device, dtype=torch.float64)
+    return float(accelerator.reduce(t, reduction="mean").item())
+
+
+class _LoRAView:
+    """Just enough of a model for ``save_branch_lora``: its LoRA config and (name, tensor) pairs."""
+
+    def __init__(self, lora_config: Any, tensors: dict[str, torch.Tensor]) -> None:
+        self.lora_config = lora_config
+        self.tensors = tensors
+
+    def named_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        yield from self.tensors.items()
+
+
+def _gather_fsdp_lora(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full LoRA tensors with plain names, one FSDP unit at a time (collective).
+
+    Gathering the whole model instead would materialise all 12B base weights on one rank; the
+    units of configs/accelerate/fsdp.yaml are single BranchLoRALinear layers, so this holds one
+    layer at a time. LoRA weights outside such units are gathered with the rest of their unit.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    out: dict[str, torch.Tensor] = {}
+    for path, unit in model.named_modules():
+        if not isinstance(unit, FSDP):
+            continue
+        prefix = path.replace(FSDP_PREFIX, "")
+        with FSDP.summon_full_params(unit, recurse=False, writeback=False):
+            for name, p in unit.module.named_parameters():
+                if FSDP_PREFIX in name:  # owned by a nested unit (still sharded here); gathered on its own pass
+                    continue
+                if ".lora_A." in f".{name}" or ".lora_B." in f".{name}":
+                    out[f"{prefix}.{name}" if prefix else name] = p.detach().cpu().clone()
+    return out
+
+
+def save_lora(accelerator: Accelerator, model: nn.Module, transformer: nn.Module, path: Path, metadata: dict[str, str]) -> None:
+    """Write the LoRA file (main process); a collective call under FSDP."""
+    if is_fsdp(accelerator):
+        tensors = _gather_fsdp_lora(model)
+        if accelerator.is_main_process:
+            save_branch_lora(_LoRAView(transformer.lora_config, tensors), path, metadata=metadata)  # type: ignore[arg-type]
+        return
+    if accelerator.is_main_process:
+        save_branch_lora(transformer, path, metadata=metadata)
+
+
+def save_optimizer(accelerator: Accelerator, model: Any, optimizer: Any, directory: Path) -> None:
+    """Optimizer state into ``directory`` (collective under FSDP and DeepSpeed)."""
+    if is_deepspeed(accelerator):
+        model.save_checkpoint(str(directory / "optimizer_backend"), exclude_frozen_parameters=True)
+    elif is_fsdp(accelerator):
+        # Each rank's AdamW holds state for its own shard views (use_orig_params): saving the
+        # shards as they are needs no gather and restores exactly on the same number of ranks.
+        ckpt.save_optimizer(optimizer.state_dict(), directory, f"optimizer_rank{accelerator.process_index}")
+    elif accelerator.is_main_process:
+        ckpt.save_optimizer(optimizer.state_dict(), directory)
+
+
+def load_optimizer(accelerator: Accelerator, model: Any, optimizer: Any, directory: Path) -> None:
+    if is_deepspeed(accelerator):
+        model.load_checkpoint(
+            str(directory / "optimizer_backend"), load_module_strict=False, load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+        )
+        return
+    name = f"optimizer_rank{accelerator.process_index}" if is_fsdp(accelerator) else "optimizer"
+    optimizer.load_state_dict(ckpt.load_optimizer(directory, name))

@@ -1,0 +1,246 @@
+"""The training objective (DESIGN sec. 7) as pure, separately testable functions.
+
+Rectified flow exactly as FLUX is trained:
+
+* ``x_t = (1 - t) * x_0 + t * eps`` with ``t`` in (0, 1), ``t = 1`` pure noise (the same ``t`` the
+  transformer receives as ``timestep``; the pipeline passes ``sigma`` the same way);
+* the transformer predicts the velocity ``v = eps - x_0``; the loss is the MSE on the NOISE tokens
+  only (``MusarTransformer`` returns only those rows: condition tokens never enter the loss);
+* ``t = sigmoid(N(logit_mean, logit_std))`` (logit-normal, SD3/FLUX), then FLUX's
+  resolution-dependent shift ``t' = e^mu / (e^mu + (1/t - 1))`` with ``mu = calculate_shift(n)``
+  for ``n`` noise tokens, the same ``mu`` the FLUX scheduler uses at inference;
+* FLUX.1-dev is guidance-distilled, so its guidance embedding needs a value during training too:
+  a constant (``objective.guidance``, default 1.0 as in OminiControl, which MUSAR builds on;
+  inference then uses the usual 3.5).
+
+Encoding (VAE, both text encoders) runs frozen under ``no_grad``. Target latents are *sampled*
+from the VAE posterior (with the step's generator, so resuming is exact); references use the
+posterior mode, exactly as :func:`musar.conditions.encode_references` does at inference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+from musar.data import Batch
+from musar.errors import MusarError
+from musar.routing import RoutingOptions
+from musar.spans import find_subject_spans, spans_tensor
+from musar.train.config import ObjectiveConfig
+from musar.transformer import ConditionInputs, condition_image_ids, latent_image_ids
+
+# -- timesteps and the flow ----------------------------------------------------------------------
+
+
+def shift_mu(num_tokens: int, cfg: ObjectiveConfig) -> float:
+    """FLUX's ``mu`` for ``num_tokens`` packed noise tokens (linear in the token count)."""
+    return float(calculate_shift(num_tokens, cfg.base_seq_len, cfg.max_seq_len, cfg.base_shift, cfg.max_shift))
+
+
+def time_shift(t: torch.Tensor, mu: float) -> torch.Tensor:
+    """``e^mu / (e^mu + (1/t - 1))``: FLUX's exponential time shift (sigma = 1)."""
+    e = math.exp(mu)
+    return e / (e + (1.0 / t - 1.0))
+
+
+def sample_timesteps(
+    batch: int, num_tokens: int, cfg: ObjectiveConfig, generator: torch.Generator, device: torch.device | str
+) -> torch.Tensor:
+    """(B,) float32 timesteps in (0, 1): logit-normal, then shifted for the resolution."""
+    u = torch.randn(batch, generator=generator, device=device, dtype=torch.float32)
+    t = torch.sigmoid(u * cfg.logit_std + cfg.logit_mean)
+    if cfg.shift:
+        t = time_shift(t, shift_mu(num_tokens, cfg))
+    # Float32 sigmoid reaches exactly 0 or 1 for |u| > ~17 sigma-units; keep t strictly inside.
+    return t.clamp(1e-5, 1.0 - 1e-5)
+
+
+def interpolate(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``x_t = (1 - t) x0 + t eps`` with per-sample ``t`` broadcast over tokens and channels."""
+    tb = t.to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
+    return (1.0 - tb) * x0 + tb * eps
+
+
+def velocity_target(x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    return eps - x0
+
+
+def flow_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error in float32 (bf16 MSE over millions of elements loses precision)."""
+    return F.mse_loss(pred.float(), target.float())
+
+
+# -- encoding ------------------------------------------------------------------------------------
+
+
+class TextCache:
+    """LRU of text embeddings keyed by (kind, text, length): the T5/CLIP encoders are frozen."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.items: OrderedDict[tuple[str, str, int], tuple[torch.Tensor, ...]] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key: tuple[str, str, int], compute: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+        if self.size > 0 and key in self.items:
+            self.items.move_to_end(key)
+            self.hits += 1
+            return self.items[key]
+        self.misses += 1
+        value = compute()
+        if self.size > 0:
+            self.items[key] = value
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+        return value
+
+
+@dataclass
+class EncodedBatch:
+    """Everything the transformer needs for one batch, minus the noise."""
+
+    latents: torch.Tensor  # (B, n, C) packed clean target latents x_0
+    latent_ids: torch.Tensor  # (n, 3)
+    prompt_embeds: torch.Tensor  # (B, m, D)
+    pooled: torch.Tensor  # (B, P)
+    text_ids: torch.Tensor  # (m, 3)
+    conditions: ConditionInputs
+    spans_found: bool = True  # False: a phrase could not be located, dynamic routing is off for it
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.latents.shape[1])
+
+
+def _pack(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
+    b, ch, h, w = latents.shape
+    return pipe._pack_latents(latents, b, ch, h, w)
+
+
+def _vae_latents(vae: Any, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    dist = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
+    latents = dist.sample(generator) if generator is not None else dist.mode()
+    return (latents - vae.config.shift_factor) * vae.config.scaling_factor
+
+
+def batch_spans(pipe: Any, prompts: Sequence[str], phrases: Sequence[Sequence[str]], max_length: int) -> list[list[tuple[int, int]]]:
+    """Token spans of every sample's phrases in its prompt (raises MusarError if one is missing)."""
+    return [find_subject_spans(p, ph, pipe.tokenizer_2, max_length) for p, ph in zip(prompts, phrases, strict=True)]
+
+
+@contextlib.contextmanager
+def quiet_truncation() -> Iterator[None]:
+    """Mute FluxPipeline's per-call truncation warnings (CLIP keeps 77 tokens by design; padded
+    phrases trip a false alarm): in training they would repeat on every batch."""
+    log = logging.getLogger("diffusers.pipelines.flux.pipeline_flux")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+@torch.no_grad()
+@quiet_truncation()
+def encode_batch(
+    pipe: Any,
+    batch: Batch,
+    *,
+    max_sequence_length: int = 512,
+    phrase_tokens: int = 32,
+    condition_timestep: float = 0.0,
+    generator: torch.Generator | None = None,
+    cache: TextCache | None = None,
+    dtype: torch.dtype | None = None,
+) -> EncodedBatch:
+    """VAE- and text-encode a :class:`~musar.data.Batch` with the pipeline's frozen encoders."""
+    device = pipe.vae.device
+    dtype = dtype or pipe.transformer.dtype
+    cache = cache or TextCache(0)
+    b, c = len(batch), batch.num_conditions
+
+    x0 = _pack(pipe, _vae_latents(pipe.vae, batch.target, generator)).to(dtype)
+    lat_h, lat_w = batch.target.shape[-2] // pipe.vae_scale_factor, batch.target.shape[-1] // pipe.vae_scale_factor
+    latent_ids = latent_image_ids(lat_h // 2, lat_w // 2, device, dtype)
+
+    def prompt_embeds(text: str) -> tuple[torch.Tensor, ...]:
+        embeds, pooled, _ = pipe.encode_prompt(prompt=text, prompt_2=None, device=device, max_sequence_length=max_sequence_length)
+        return embeds, pooled
+
+    encoded = [cache.get(("prompt", p, max_sequence_length), lambda p=p: prompt_embeds(p)) for p in batch.prompts]
+    embeds = torch.cat([e[0] for e in encoded]).to(dtype)
+    pooled = torch.cat([e[1] for e in encoded]).to(dtype)
+    text_ids = torch.zeros(embeds.shape[1], 3, device=device, dtype=dtype)
+
+    def phrase_embeds(text: str) -> tuple[torch.Tensor, ...]:
+        return (pipe._get_t5_prompt_embeds(prompt=text, max_sequence_length=phrase_tokens, device=device),)
+
+    cond_latents, cond_text, cond_ids = [], [], []
+    for k in range(c):
+        refs = _vae_latents(pipe.vae, batch.references[:, k], None)  # posterior mode, as at inference
+        cond_latents.append(_pack(pipe, refs).to(dtype))
+        cond_ids.append(condition_image_ids(k, refs.shape[-2] // 2, refs.shape[-1] // 2, device, dtype))
+        rows = [cache.get(("phrase", ph[k], phrase_tokens), lambda t=ph[k]: phrase_embeds(t))[0] for ph in batch.phrases]
+        cond_text.append(torch.cat(rows).to(dtype))
+
+    spans, found = None, True
+    if c >= 2:  # spans only matter for dynamic routing, which needs two or more conditions
+        try:
+            spans = spans_tensor(batch_spans(pipe, batch.prompts, batch.phrases, max_sequence_length), device=device)
+        except MusarError:
+            found = False
+    conditions = ConditionInputs(cond_latents, cond_text, cond_ids, spans=spans, timestep=condition_timestep)
+    if b != x0.shape[0]:
+        raise RuntimeError("encoded batch size does not match the data batch")
+    return EncodedBatch(x0, latent_ids, embeds, pooled, text_ids, conditions, found)
+
+
+def routing_for(enc: EncodedBatch, routing: RoutingOptions) -> RoutingOptions:
+    """The batch's routing: dynamic routing off when its subject spans could not be found."""
+    return routing if enc.spans_found else replace(routing, dynamic=False)
+
+
+def flow_step_loss(
+    transformer: Any,
+    enc: EncodedBatch,
+    t: torch.Tensor,
+    eps: torch.Tensor,
+    *,
+    guidance: float | None,
+    routing: RoutingOptions,
+) -> torch.Tensor:
+    """One forward of the rectified-flow objective; returns the scalar loss (float32)."""
+    x_t = interpolate(enc.latents, eps, t)
+    b = x_t.shape[0]
+    g = None if guidance is None else torch.full((b,), guidance, device=x_t.device, dtype=torch.float32)
+    pred = transformer(
+        hidden_states=x_t,
+        encoder_hidden_states=enc.prompt_embeds,
+        pooled_projections=enc.pooled,
+        timestep=t.to(x_t.dtype),
+        img_ids=enc.latent_ids,
+        txt_ids=enc.text_ids,
+        guidance=g,
+        conditions=enc.conditions,
+        routing=routing_for(enc, routing),
+        return_dict=False,
+    )[0]
+    return flow_loss(pred, velocity_target(enc.latents, eps))
+
+
+def draw_noise(enc: EncodedBatch, cfg: ObjectiveConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t, eps) for a batch from one generator: the step's randomness is a pure function of its seed."""
+    t = sample_timesteps(enc.latents.shape[0], enc.num_tokens, cfg, generator, enc.latents.device)
+    eps = torch.randn(enc.latents.shape, generator=generator, device=enc.latents.device, dtype=torch.float32)
+    return t, eps.to(enc.latents.dtype)
