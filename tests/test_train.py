@@ -18,6 +18,7 @@ from musar.lora import BranchLoRALinear, lora_named_parameters
 from musar.train import Trainer, TrainingInterrupted, TrainingStopped, TrainResult, train
 from musar.train.checkpoint import list_checkpoints
 from musar.train.tracking import read_metrics
+
 from train_fixtures import tiny_config
 
 

@@ -24,6 +24,7 @@ from musar.train.objective import (
     velocity_target,
 )
 from musar.train.setup import lr_lambda
+
 from train_fixtures import REPO
 
 

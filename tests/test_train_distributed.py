@@ -41,6 +41,7 @@ def _worker(rank: int, ports: tuple[int, int], out: str) -> None:
 
 def _ddp_check(rank: int, out: Path) -> None:
     from musar.train import train
+
     from train_fixtures import tiny_config
 
     result = train(tiny_config(out, "max_steps=3", "checkpoint_every=2", "validate_every=0"))
