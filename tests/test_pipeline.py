@@ -109,7 +109,8 @@ def test_reference_padding_keeps_aspect_and_exif_is_applied() -> None:
     rotated.info["exif"] = exif.tobytes()
     rotated = Image.open(_roundtrip_jpeg(rotated, exif))
     assert to_rgb(rotated).size == (20, 40)
-    sixteen = Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16), mode="I;16")
+    sixteen = Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16))
+    assert sixteen.mode == "I;16"
     assert np.asarray(to_rgb(sixteen)).min() == 255
 
 

@@ -9,6 +9,7 @@ with nothing downloaded. It says so wherever it is used.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -17,11 +18,11 @@ from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from musar.errors import MusarError
 from musar.pipeline import DEFAULT_MODEL, MusarPipeline
-from musar.tokenizer import train_unigram_tokenizer
+from musar.tokenizer import word_level_tokenizer
 from musar.transformer import MusarTransformer
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-PRESETS = ("tiny",)
+PRESETS = ("tiny", "toy")
 
 _TINY_CORPUS = [
     "a photo of a dog and a red backpack on the beach",
@@ -73,8 +74,11 @@ def tiny_pipeline(seed: int = 0) -> MusarPipeline:
             shift_factor=0.0609,
             scaling_factor=1.5035,
         )
-        tokenizer = train_unigram_tokenizer(_TINY_CORPUS, vocab_size=120, model_max_length=77)
-        tokenizer_2 = train_unigram_tokenizer(_TINY_CORPUS, vocab_size=120, model_max_length=512)
+        # Word-level over a fixed corpus: identical token ids on every build (a trained Unigram
+        # model is not), so resumed runs and DDP ranks agree. Unknown words map to <unk>.
+        words = re.findall(r"\w+|[^\w\s]", " ".join(_TINY_CORPUS))
+        tokenizer = word_level_tokenizer(words, model_max_length=77)
+        tokenizer_2 = word_level_tokenizer(words, model_max_length=512)
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
                 vocab_size=len(tokenizer), hidden_size=sizes.pooled_projection_dim, intermediate_size=32,
@@ -115,7 +119,12 @@ def load_pipeline(
     if preset is not None:
         if preset not in PRESETS:
             raise MusarError(f"unknown preset {preset!r}; expected one of {list(PRESETS)}")
-        pipe = tiny_pipeline()
+        if preset == "toy":  # trained toy-world base + full MUSAR LoRA shipped in the package
+            from musar.toy.model import load_toy_pipeline
+
+            pipe = load_toy_pipeline(use_shipped_lora=lora is None)
+        else:
+            pipe = tiny_pipeline()
         torch_dtype = torch.float32  # tiny models run in fp32 on CPU
     else:
         torch_dtype = DTYPES[dtype]

@@ -1,7 +1,11 @@
 """MUSAR in miniature: a procedural world whose images can be read back exactly (issue 8).
 
 :mod:`musar.toy.world` renders subjects, scenes, captions and Subjects200K-style pairs;
-:mod:`musar.toy.analyser` reads any image of that world back and scores generations.
+:mod:`musar.toy.analyser` reads any image of that world back and scores generations;
+:mod:`musar.toy.codec` / :mod:`musar.toy.model` build the tiny FLUX base, :mod:`musar.toy.pretrain`
+trains it, :mod:`musar.toy.variants` trains the Fig. 8 ablations with ``musar train``,
+:mod:`musar.toy.report` scores them on held-out cases (:mod:`musar.toy.cases`) and
+:mod:`musar.toy.demo` runs the shipped weights. ``musar toy --help`` drives it all; see docs/toy.md.
 """
 
 from musar.toy.analyser import Analysis, DetectedObject, Verdict, analyse, evaluate, summarize
