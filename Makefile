@@ -22,7 +22,11 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
+# The toy preset ships trained weights (a miniature world, docs/toy.md): a real two-subject
+# composition on CPU with routing maps and the exact analyser's verdict. Then the random-weight
+# tiny preset on the two example photos, writing image + sidecar + routing maps.
 demo: $(STAMP)
+	$(VENV)/bin/musar toy demo --out outputs/toy_demo
 	$(VENV)/bin/musar generate --preset tiny \
 		--prompt "a photo of a corgi and a red backpack on a beach" \
 		--subject examples/dog.jpg "a corgi" \

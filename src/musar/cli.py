@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, str] = {
     "ui": "musar.ui.cli",
     "bench": "musar.bench",
     "train": "musar.train.cli",
+    "toy": "musar.toy.cli",
 }
 
 

@@ -8,6 +8,7 @@ branch LoRA.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import time
@@ -45,6 +46,24 @@ class MusarPipelineOutput:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+def _import_own_components(folder: str | os.PathLike[str]) -> None:
+    """Import musar modules named in a local folder's model_index.json (e.g. the toy codec).
+
+    diffusers resolves a component class from its module only once that module is imported.
+    Only modules of this package are imported: a folder cannot make us run foreign code.
+    """
+    index = Path(folder) / "model_index.json"
+    if not index.is_file():
+        return
+    try:
+        entries = json.loads(index.read_text()).values()
+    except (OSError, ValueError):
+        return  # diffusers reports a broken index itself
+    for entry in entries:
+        if isinstance(entry, list) and entry and isinstance(entry[0], str) and entry[0].startswith("musar."):
+            importlib.import_module(entry[0])
+
+
 class MusarPipeline(FluxPipeline):
     """FLUX.1 with MUSAR multi-subject conditioning. See ``__call__``."""
 
@@ -54,6 +73,7 @@ class MusarPipeline(FluxPipeline):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, **kwargs: Any) -> MusarPipeline:
         """Load FLUX components from a hub id or a local folder; the transformer as MusarTransformer."""
+        _import_own_components(pretrained_model_name_or_path)
         try:
             if "transformer" not in kwargs:
                 kwargs["transformer"] = MusarTransformer.from_pretrained(

@@ -1,0 +1,173 @@
+"""``musar toy``: the toy world's whole chain, stage by stage or in one command (issue 8).
+
+    musar toy all --out runs/toy            # pretrain -> data -> 4 MUSAR variants -> report
+    musar toy pretrain --out runs/toy       # base model -> runs/toy/base
+    musar toy data --out runs/toy           # Subjects200K-schema pairs -> runs/toy/pairs.parquet
+    musar toy train --out runs/toy --variant full   # one variant (musar train + overrides)
+    musar toy report --out runs/toy         # markdown table + grids -> runs/toy/report/
+    musar toy ship --out runs/toy           # copy base + full LoRA into the package
+    musar toy demo --out outputs/toy_demo   # shipped weights -> composition + verdict
+
+The codec import below is deliberate: diffusers resolves the toy "VAE" class from ``sys.modules``
+when loading a toy folder, and the ``musar`` command imports every subcommand module, so this
+makes ``musar train --config configs/toy_musar.yaml`` work as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import musar.toy.codec  # noqa: F401  (see the module docstring)
+
+DEFAULT_OUT = "runs/toy"
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"working folder (default {DEFAULT_OUT})")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("toy", help="the toy world: pretrain, MUSAR-train, ablate, report, demo (CPU minutes)",
+                       description="MUSAR in miniature on a procedural world measured exactly. See docs/toy.md.")
+    s = p.add_subparsers(dest="toy_command", required=True)
+    from musar.toy.variants import DEFAULT_CONFIG, VARIANTS
+
+    a = s.add_parser("pretrain", help="train the tiny FLUX base text-to-image on world scenes")
+    _add_common(a)
+    a.add_argument("--steps", type=int, default=None, help="optimizer steps (default 2200)")
+    a.add_argument("--scenes", type=int, default=None, help="rendered scene pool (default 12000)")
+    d = s.add_parser("data", help="write the Subjects200K-schema toy pairs (training identities)")
+    _add_common(d)
+    d.add_argument("--pairs", type=int, default=3000)
+    t = s.add_parser("train", help="train one MUSAR variant with musar train")
+    _add_common(t)
+    t.add_argument("--variant", default="full", choices=list(VARIANTS))
+    t.add_argument("--config", default=DEFAULT_CONFIG)
+    t.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
+    t.add_argument("--force", action="store_true", help="retrain even if the variant's LoRA exists")
+    r = s.add_parser("report", help="generate held-out cases with every variant, analyse, write the table")
+    _add_common(r)
+    r.add_argument("--cases", type=int, default=24)
+    r.add_argument("--seeds", type=int, default=2)
+    r.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    r.add_argument("--no-base", action="store_true", help="skip the prompt-only base row")
+    sh = s.add_parser("ship", help="copy the trained base and full LoRA into src/musar/assets/toy")
+    _add_common(sh)
+    al = s.add_parser("all", help="pretrain, data, all variants, report (skips finished stages)")
+    _add_common(al)
+    al.add_argument("--config", default=DEFAULT_CONFIG)
+    de = s.add_parser("demo", help="compose two toy references with the shipped weights; print the verdict")
+    de.add_argument("--out", default="outputs/toy_demo", metavar="DIR")
+    de.add_argument("--seed", type=int, default=0)
+    de.add_argument("--write-examples", action="store_true", help="(re)write examples/toy/ reference PNGs first")
+    p.set_defaults(func=run)
+
+
+def _pretrain(out: Path, steps: int | None = None, scenes: int | None = None) -> None:
+    from dataclasses import replace
+
+    from musar.toy.pretrain import PretrainConfig, pretrain
+
+    cfg = PretrainConfig()
+    cfg = replace(cfg, **{k: v for k, v in {"steps": steps, "scenes": scenes}.items() if v is not None})
+    pretrain(cfg, out)
+
+
+def _data(out: Path, pairs: int) -> Path:
+    from musar.toy.world import write_pairs_parquet
+
+    out.mkdir(parents=True, exist_ok=True)
+    return write_pairs_parquet(pairs, out / "pairs.parquet", seed=1, size=64)
+
+
+def ship(out: Path) -> Path:
+    """Copy ``out/base`` and the full variant's LoRA into the package's assets (a few MB)."""
+    import shutil
+
+    from musar.errors import MusarError
+    from musar.toy.model import ASSETS, SHIPPED_BASE, SHIPPED_LORA
+    from musar.toy.variants import variant_dir
+
+    lora = variant_dir(out, "full") / "lora.safetensors"
+    if not (out / "base" / "model_index.json").is_file() or not lora.is_file():
+        raise MusarError(f"nothing to ship: need {out / 'base'} and {lora} (run musar toy all first)")
+    ASSETS.mkdir(parents=True, exist_ok=True)
+    if SHIPPED_BASE.exists():
+        shutil.rmtree(SHIPPED_BASE)
+    shutil.copytree(out / "base", SHIPPED_BASE)
+    _halve(SHIPPED_BASE / "transformer" / "diffusion_pytorch_model.safetensors")
+    shutil.copyfile(lora, SHIPPED_LORA)
+    return ASSETS
+
+
+def _halve(path: Path) -> None:
+    """Store the base transformer in fp16 (16 -> 8 MB); ``from_pretrained(torch_dtype=float32)``
+    upcasts it on load. The LoRA stays fp32 (3 MB)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, str(path), metadata=meta)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    torch.set_num_threads(1)  # shared CPUs: one thread per process ran fastest (docs/toy.md)
+    cmd = args.toy_command
+    if cmd == "demo":
+        from musar.toy.demo import run_demo, write_examples
+
+        if args.write_examples:
+            write_examples()
+        print(run_demo(args.out, args.seed))
+        return 0
+    out = Path(args.out)
+    if cmd == "pretrain":
+        _pretrain(out, args.steps, args.scenes)
+    elif cmd == "data":
+        print(f"wrote {_data(out, args.pairs)}")
+    elif cmd == "train":
+        from musar.toy.variants import train_variant
+
+        print(f"LoRA: {train_variant(args.variant, out, args.config, tuple(args.overrides), args.force)}")
+    elif cmd == "report":
+        from musar.toy.report import run_report
+
+        run_report(out, args.variants, args.cases, tuple(range(args.seeds)), include_base=not args.no_base)
+    elif cmd == "ship":
+        print(f"shipped to {ship(out)}")
+    elif cmd == "all":
+        from musar.toy.report import run_report
+        from musar.toy.variants import VARIANTS, train_variant
+
+        t0 = time.perf_counter()
+        if not (out / "base" / "model_index.json").is_file():
+            _pretrain(out)
+        if not (out / "pairs.parquet").is_file():
+            _data(out, 3000)
+        for name in VARIANTS:
+            train_variant(name, out, args.config)
+        run_report(out)
+        print(f"musar toy all: done in {time.perf_counter() - t0:.0f}s; table in {out / 'report' / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":  # python -m musar.toy.cli <stage> ... (before `toy` is registered in musar.cli)
+    import sys
+
+    from musar.cli import _Parser
+    from musar.errors import MusarError
+
+    parser = _Parser(prog="musar")
+    add_parser(parser.add_subparsers(dest="command", required=True, parser_class=_Parser))
+    ns = parser.parse_args(["toy", *sys.argv[1:]])
+    try:
+        sys.exit(ns.func(ns))
+    except MusarError as err:
+        print(f"musar toy: error: {err}", file=sys.stderr)
+        sys.exit(2)

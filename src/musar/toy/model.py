@@ -1,0 +1,148 @@
+"""The toy base model: FLUX's architecture at ~2M parameters, built offline (issue 8, item 2).
+
+Same component set as FLUX.1 (MMDiT transformer, "VAE", CLIP for the pooled vector, T5 for the
+token sequence), so :class:`~musar.pipeline.MusarPipeline`, ``musar train`` and the evaluation code
+run on it unchanged. What differs is size, the codec (:class:`~musar.toy.codec.ToyCodec`, lossless
+space-to-depth) and the tokenizers (one token per word of the world's closed vocabulary). Both text
+encoders start random and are trained *with* the transformer in :mod:`musar.toy.pretrain`:
+there is no pretrained text model small enough, and the world's language is tiny.
+
+``guidance_embeds`` is off: the toy model is not guidance-distilled and MusarPipeline does no
+classifier-free guidance, so generation is plain conditional sampling.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+from musar.data.samples import DIPTYCH_TEMPLATE
+from musar.errors import MusarError
+from musar.pipeline import MusarPipeline
+from musar.tokenizer import word_level_tokenizer
+from musar.toy import world
+from musar.toy.codec import ToyCodec
+from musar.transformer import MusarTransformer
+
+# Where the shipped weights live (package data) and what they are called.
+ASSETS = Path(__file__).resolve().parent.parent / "assets" / "toy"
+SHIPPED_BASE = ASSETS / "base"
+SHIPPED_LORA = ASSETS / "musar_lora.safetensors"
+
+
+@dataclass(frozen=True)
+class ToySizes:
+    """Sizes of the toy base. hidden = heads * head_dim = 192; RoPE axes sum to head_dim.
+
+    The hidden width must be at least the 192 values of a packed token (4 x 48 codec channels):
+    FLUX's ``proj_out`` maps hidden -> token values, and a narrower model cannot even represent
+    the noise it has to predict (a first 128-wide base plateaued at that floor and sampled noise).
+    """
+
+    image_size: int = 64
+    codec_levels: int = 3  # space-to-depth factor 2**(3-1) = 4: 64 px -> 16x16 latents -> 64 tokens
+    heads: int = 6
+    head_dim: int = 32
+    rope_axes: tuple[int, int, int] = (8, 12, 12)
+    double_blocks: int = 2
+    single_blocks: int = 2
+    t5_width: int = 64
+    t5_layers: int = 2
+    clip_width: int = 32
+    t5_max_length: int = 128  # diptych prompts are ~60 words; captions ~25
+    clip_max_length: int = 48  # the pooled vector; FLUX truncates CLIP's input too
+
+
+def vocabulary() -> list[str]:
+    """Every word the world's captions, subject phrases and the diptych template use."""
+    words = set(world.PALETTE) | set(world.SHAPES) | set(world.PATTERNS) | set(world.TEXTURES)
+    for region in world.REGIONS:
+        words |= set(world.where(region).split())
+    words |= {"a", "an", "with", "and", "on", "background", "empty", "scene", "another", ",", ".", ":"}
+    template = DIPTYCH_TEMPLATE.format(phrase_a="x", desc_a="x", phrase_b="x", desc_b="x")
+    words |= set(template.replace(",", " ").replace(".", " ").replace(":", " ").lower().split())
+    return sorted(words)
+
+
+def build_toy_pipeline(seed: int = 0, sizes: ToySizes | None = None) -> MusarPipeline:
+    """A randomly initialised toy base, deterministic in ``seed`` (pretraining starts here)."""
+    s = sizes or ToySizes()
+    if sum(s.rope_axes) != s.head_dim:
+        raise MusarError(f"RoPE axes {s.rope_axes} must sum to the head dim {s.head_dim}")
+    words = vocabulary()
+    tokenizer = word_level_tokenizer(words, model_max_length=s.clip_max_length)
+    tokenizer_2 = word_level_tokenizer(words, model_max_length=s.t5_max_length)
+    codec = ToyCodec(block_out_channels=(1,) * s.codec_levels)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = MusarTransformer(
+            patch_size=1,
+            in_channels=4 * codec.latent_channels,
+            num_layers=s.double_blocks,
+            num_single_layers=s.single_blocks,
+            attention_head_dim=s.head_dim,
+            num_attention_heads=s.heads,
+            joint_attention_dim=s.t5_width,
+            pooled_projection_dim=s.clip_width,
+            guidance_embeds=False,
+            axes_dims_rope=s.rope_axes,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer), hidden_size=s.clip_width, intermediate_size=2 * s.clip_width,
+                num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=s.clip_max_length,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                bos_token_id=tokenizer.eos_token_id,
+            )
+        )
+        text_encoder_2 = T5EncoderModel(
+            T5Config(
+                vocab_size=len(tokenizer_2), d_model=s.t5_width, d_kv=16, d_ff=2 * s.t5_width,
+                num_layers=s.t5_layers, num_heads=4, relative_attention_num_buckets=16,
+                pad_token_id=tokenizer_2.pad_token_id, eos_token_id=tokenizer_2.eos_token_id,
+                decoder_start_token_id=0, dropout_rate=0.0,
+            )
+        )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256, max_image_seq_len=4096
+    )
+    return MusarPipeline(
+        scheduler=scheduler, vae=codec, text_encoder=text_encoder.eval(), tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2.eval(), tokenizer_2=tokenizer_2, transformer=transformer.eval(),
+    )
+
+
+def load_toy_pipeline(
+    base: str | os.PathLike[str] | None = None, lora: str | os.PathLike[str] | None = None, use_shipped_lora: bool = True
+) -> MusarPipeline:
+    """A trained toy base folder (default: the shipped one) with a MUSAR LoRA (default: shipped).
+
+    ``lora=None`` with ``use_shipped_lora`` loads the shipped full-MUSAR LoRA when the base is the
+    shipped one; a base from elsewhere gets no LoRA unless one is named.
+    """
+    import musar.toy.codec  # noqa: F401  (diffusers resolves the codec class from sys.modules)
+
+    folder = Path(base) if base is not None else SHIPPED_BASE
+    if not (folder / "model_index.json").is_file():
+        raise MusarError(
+            f"no toy base model at {folder}; build one with `musar toy pretrain --out runs/toy` "
+            "(the shipped weights come with the package)"
+        )
+    pipe = MusarPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    if lora is None and use_shipped_lora and base is None and SHIPPED_LORA.is_file():
+        lora = SHIPPED_LORA
+    if lora is not None:
+        pipe.load_lora(lora)
+    return pipe
+
+
+def parameter_counts(pipe: MusarPipeline) -> dict[str, int]:
+    return {
+        name: sum(p.numel() for p in getattr(pipe, name).parameters())
+        for name in ("transformer", "text_encoder", "text_encoder_2")
+    }
