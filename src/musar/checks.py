@@ -18,3 +18,16 @@ def check_size(height: int, width: int) -> None:
 def check_steps(steps: int) -> None:
     if steps < 1:
         raise MusarError(f"steps must be >= 1, got {steps}")
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type=`` for counts: an integer >= 1, else argparse's own one-line error."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value

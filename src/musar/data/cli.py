@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from musar.checks import positive_int
 from musar.data.musar_gen import MusarGen
 from musar.data.preview import open_source, preview_samples, write_preview
 from musar.data.subjects200k import (
@@ -27,16 +28,6 @@ from musar.io import check_writable
 HUB_PREVIEW_LIMIT = 1000
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def _add_source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--source",
@@ -44,7 +35,7 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
         help=f"local parquet file/folder or hub dataset id (default {SUBJECTS200K_HUB_ID})",
     )
     p.add_argument(
-        "--limit", type=_positive, default=None, help="read only the first N rows (streams hub data)"
+        "--limit", type=positive_int, default=None, help="read only the first N rows (streams hub data)"
     )
     p.add_argument(
         "--quality",
@@ -69,7 +60,7 @@ def add_parser(subparsers: Any) -> None:
     p = sub.add_parser("preview", help="write a contact sheet and samples.jsonl of one curriculum stage")
     _add_source_args(p)
     p.add_argument("--stage", type=int, choices=(1, 2, 3), default=1, help="curriculum stage (default 1)")
-    p.add_argument("--n", type=_positive, default=8, help="number of samples (default 8)")
+    p.add_argument("--n", type=positive_int, default=8, help="number of samples (default 8)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.set_defaults(func=run_preview)

@@ -20,19 +20,10 @@ import dataclasses
 import signal
 import sys
 
+from musar.checks import positive_int
 from musar.errors import MusarError
 
 EXIT_STOPPED = 3
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -41,7 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Train MUSAR's dual-branch LoRA on the 3-stage curriculum. See docs/training.md.",
     )
     p.add_argument("--config", required=True, metavar="FILE", help="YAML config (e.g. configs/tiny.yaml)")
-    p.add_argument("--max-steps", type=_positive, default=None, metavar="N", help="override max_steps")
+    p.add_argument("--max-steps", type=positive_int, default=None, metavar="N", help="override max_steps")
     p.add_argument("--output-dir", default=None, metavar="DIR", help="override output_dir")
     p.add_argument("--resume", default=None, metavar="latest|PATH",
                    help="continue from the newest checkpoint of the output dir, or from a checkpoint folder")
