@@ -40,9 +40,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from musar.bench_forward import build_random_model
 from musar.lora import BranchLoRAConfig, inject_branch_lora, remove_branch_lora
 from musar.routing import RoutingOptions
 from musar.train.config import ObjectiveConfig
@@ -72,22 +72,8 @@ SHAPES = {"flux-dev": Shape(512, 1024, 512, 512, 32), "tiny": Shape(64, 128, 64,
 
 
 def build_model(config: dict[str, Any], device: torch.device, dtype: torch.dtype, seed: int) -> MusarTransformer:
-    """Random weights made directly on the device (meta -> empty -> fan-in normal init)."""
-    with torch.device("meta"):
-        model = MusarTransformer(**config)
-    model = nn.Module.to(model, dtype).to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, nn.Linear):
-                mod.weight.normal_(0.0, mod.in_features**-0.5, generator=gen)  # O(1) activations over 57 blocks
-                if mod.bias is not None:
-                    mod.bias.zero_()
-        for name, p in model.named_parameters():
-            if p.dim() == 1 and not name.endswith(".bias"):
-                p.fill_(1.0)  # norm scales
-    model.requires_grad_(False)
-    return model
+    """Random weights made directly on the device (the forward benchmark's builder), in train mode."""
+    return build_random_model(config, device, dtype, seed).train()
 
 
 def make_batch(model: MusarTransformer, shape: Shape, mode: str, device: torch.device, dtype: torch.dtype) -> EncodedBatch:
