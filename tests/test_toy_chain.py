@@ -1,4 +1,4 @@
-"""The toy chain shortened to seconds: codec exactness, pretrain -> musar train -> report."""
+"""The toy chain shortened to seconds: the learned codec, pretrain -> musar train -> report."""
 
 from __future__ import annotations
 
@@ -7,20 +7,47 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
-from musar.toy.codec import ToyCodec
+from musar.toy.codec import CodecTrainConfig, ToyCodec, codec_round_trip, train_codec
 from musar.toy.model import build_toy_pipeline, load_toy_pipeline, vocabulary
-from musar.toy.world import make_multi_scenes, render_array
+from musar.toy.world import PALETTE, make_multi_scenes, render_array
 
 
-def test_codec_round_trip_is_exact() -> None:
-    codec = ToyCodec()
-    scenes = make_multi_scenes(4, seed=0)
-    pixels = torch.from_numpy(np.stack([render_array(s) for s in scenes])).float().permute(0, 3, 1, 2) / 127.5 - 1
+def _pixels(n: int, seed: int = 0) -> torch.Tensor:
+    scenes = make_multi_scenes(n, seed=seed)
+    return torch.from_numpy(np.stack([render_array(s) for s in scenes])).float().permute(0, 3, 1, 2) / 127.5 - 1
+
+
+def test_codec_shapes_and_palette_decoding() -> None:
+    codec = build_toy_pipeline().vae
+    pixels = _pixels(4)
     latents = codec.encode(pixels).latent_dist.mode()
-    assert latents.shape == (4, 48, 16, 16)
+    assert latents.shape == (4, 16, 16, 16)
     assert torch.equal(codec.encode(pixels).latent_dist.sample(torch.Generator()), latents)
-    assert torch.equal(codec.decode(latents, return_dict=False)[0], pixels)
+    decoded = codec.decode(latents, return_dict=False)[0]
+    assert decoded.shape == pixels.shape
+    palette = torch.tensor(list(PALETTE.values()), dtype=torch.float32) / 127.5 - 1
+    # Every decoded pixel is exactly one palette colour, even from an untrained decoder.
+    per_pixel = decoded.permute(0, 2, 3, 1).reshape(-1, 1, 3)
+    assert (per_pixel == palette[None]).all(-1).any(-1).all()
+    # Rendered pixels are their own nearest palette colour.
+    assert torch.equal(palette[codec.labels(pixels)].permute(0, 3, 1, 2), pixels)
+
+
+def test_codec_training_learns_the_world_and_standardises_latents() -> None:
+    codec = build_toy_pipeline().vae
+    pixels, held_out = _pixels(96), _pixels(16, seed=5)
+    before = (codec(held_out) == held_out).all(1).float().mean()
+    info = train_codec(codec, pixels, CodecTrainConfig(steps=150, batch_size=16, lr=3e-3), log=lambda _: None)
+    after = (codec(held_out) == held_out).all(1).float().mean()
+    assert after > 0.9 and after > before + 0.2, (before, after)
+    assert info["pixel_accuracy"] > 0.9
+    image = Image.fromarray(render_array(make_multi_scenes(1, seed=9)[0]))
+    assert (np.asarray(codec_round_trip(codec, image)) == np.asarray(image)).all(-1).mean() > 0.9
+    z = (codec.encode(pixels).latent_dist.mode() - codec.config.shift_factor) * codec.config.scaling_factor
+    assert abs(float(z.mean())) < 1e-3 and abs(float(z.std()) - 1) < 1e-3
+    assert not any(p.requires_grad for p in codec.parameters())
 
 
 def test_vocabulary_covers_captions_and_diptych_template() -> None:
@@ -37,8 +64,12 @@ def test_toy_folder_saves_and_loads(tmp_path: Path) -> None:
     pipe.save_pretrained(tmp_path / "base")
     back = load_toy_pipeline(tmp_path / "base")
     assert isinstance(back.vae, ToyCodec) and back.vae_scale_factor == 4
-    a, b = pipe.transformer.state_dict(), back.transformer.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    for mine, theirs in ((pipe.transformer, back.transformer), (pipe.vae, back.vae)):
+        a, b = mine.state_dict(), theirs.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    pixels = _pixels(2)
+    assert torch.equal(back.vae(pixels), pipe.vae(pixels))
+    assert torch.equal(back.vae.colours, pipe.vae.colours)
 
 
 def test_shortened_end_to_end(tmp_path: Path) -> None:
@@ -48,14 +79,15 @@ def test_shortened_end_to_end(tmp_path: Path) -> None:
     from musar.toy.world import write_pairs_parquet
 
     out = tmp_path / "toy"
-    pretrain(PretrainConfig(steps=2, batch_size=2, scenes=16, log_every=1), out, log=lambda _: None)
+    codec = CodecTrainConfig(steps=2, batch_size=2, log_every=1)
+    pretrain(PretrainConfig(steps=2, batch_size=2, scenes=16, log_every=1, codec=codec), out, log=lambda _: None)
     write_pairs_parquet(16, out / "pairs.parquet", seed=1, size=64)
     short = ("curriculum.stage1_steps=1", "curriculum.stage2_steps=1", "curriculum.stage3_steps=1",
              "optim.batch_size=2", "optim.warmup_steps=1", "log_every=1")
     for name in ("full", "no_debias"):
         assert train_variant(name, out, extra=short, log=lambda _: None).is_file()
     results = run_report(out, ["full", "no_debias"], cases=2, seeds=(0,), log=lambda _: None)
-    assert set(results) == {"base", "full", "no_debias"}
+    assert set(results) == {"codec", "base", "full", "no_debias"}
     table = (out / "report" / "report.md").read_text()
     assert "`full`" in table and "`no_debias`" in table and (out / "report" / "grid.png").is_file()
     saved = json.loads((out / "report" / "report.json").read_text())

@@ -8,6 +8,7 @@ import pytest
 from musar.errors import MusarError
 from musar.toy.world import (
     BACKGROUNDS,
+    PALETTE,
     SHAPES,
     Identity,
     Placement,
@@ -69,6 +70,33 @@ def test_captions_name_every_subject_region_and_background() -> None:
     )
     single = Scene("gray", (Placement(Identity("star", "yellow"), "centre", 0.4),), texture="speckled")
     assert caption(single) == "a yellow star in the centre, on a speckled gray background"
+
+
+def test_brief_captions_name_categories_and_mark_repeats() -> None:
+    a, b = Identity("star", "red", "stripes", "white"), Identity("star", "green")
+    c = Identity("circle", "blue")
+    scene = Scene("gray", (Placement(a, "left", 0.38), Placement(b, "right", 0.38)))
+    assert subject_phrase(a, brief=True) == "star" and subject_phrase(a, article=True, brief=True) == "a star"
+    assert caption(scene, brief=True) == "a star on the left and another star on the right, on a gray background"
+    # Per-subject flags: only brief subjects lose their colours; a full name is never "another".
+    assert caption(scene, [False, True]) == (
+        "a red star with white stripes on the left and another star on the right, on a gray background"
+    )
+    assert caption(scene, [True, False]).startswith("a star on the left and a green star on the right")
+    mixed = Scene("gray", (Placement(a, "left", 0.38), Placement(c, "right", 0.38)))
+    assert caption(mixed, brief=True) == "a star on the left and a circle on the right, on a gray background"
+    with pytest.raises(MusarError, match="brief flags"):
+        caption(scene, [True])
+
+
+def test_brief_pair_records_carry_no_colour_words() -> None:
+    rows = make_pairs(20, seed=3, brief=True)
+    colours = set(PALETTE) - set(BACKGROUNDS)  # background words may appear; subject colours may not
+    for row in rows:
+        d = row["description"]
+        assert d["item"] == d["category"]
+        for key in ("description_0", "description_1"):
+            assert d["item"] in d[key] and not colours & set(d[key].split()), d[key]
 
 
 def test_scenes_are_valid_and_objects_apart() -> None:

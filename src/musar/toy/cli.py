@@ -36,8 +36,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     a = s.add_parser("pretrain", help="train the tiny FLUX base text-to-image on world scenes")
     _add_common(a)
-    a.add_argument("--steps", type=int, default=None, help="optimizer steps (default 2200)")
+    a.add_argument("--steps", type=int, default=None, help="flow-model optimizer steps (default 3000)")
+    a.add_argument("--codec-steps", type=int, default=None, help="codec optimizer steps (default 3000)")
     a.add_argument("--scenes", type=int, default=None, help="rendered scene pool (default 12000)")
+    a.add_argument("--codec-from", default=None, metavar="DIR",
+                   help="reuse the codec of this trained toy base folder instead of training one")
     d = s.add_parser("data", help="write the Subjects200K-schema toy pairs (training identities)")
     _add_common(d)
     d.add_argument("--pairs", type=int, default=3000)
@@ -65,13 +68,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _pretrain(out: Path, steps: int | None = None, scenes: int | None = None) -> None:
+def _pretrain(
+    out: Path, steps: int | None = None, scenes: int | None = None, codec_steps: int | None = None,
+    codec_from: str | None = None,
+) -> None:
     from dataclasses import replace
 
     from musar.toy.pretrain import PretrainConfig, pretrain
 
     cfg = PretrainConfig()
-    cfg = replace(cfg, **{k: v for k, v in {"steps": steps, "scenes": scenes}.items() if v is not None})
+    given = {"steps": steps, "scenes": scenes, "codec_from": codec_from}
+    cfg = replace(cfg, **{k: v for k, v in given.items() if v is not None})
+    if codec_steps is not None:
+        cfg = replace(cfg, codec=replace(cfg.codec, steps=codec_steps))
     pretrain(cfg, out)
 
 
@@ -79,7 +88,8 @@ def _data(out: Path, pairs: int) -> Path:
     from musar.toy.world import write_pairs_parquet
 
     out.mkdir(parents=True, exist_ok=True)
-    return write_pairs_parquet(pairs, out / "pairs.parquet", seed=1, size=64)
+    # Brief naming: the subject's look must come from the other view (see musar.toy.cases).
+    return write_pairs_parquet(pairs, out / "pairs.parquet", seed=1, size=64, brief=True)
 
 
 def ship(out: Path) -> Path:
@@ -115,9 +125,6 @@ def _halve(path: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    torch.set_num_threads(1)  # shared CPUs: one thread per process ran fastest (docs/toy.md)
     cmd = args.toy_command
     if cmd == "demo":
         from musar.toy.demo import run_demo, write_examples
@@ -128,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     out = Path(args.out)
     if cmd == "pretrain":
-        _pretrain(out, args.steps, args.scenes)
+        _pretrain(out, args.steps, args.scenes, args.codec_steps, args.codec_from)
     elif cmd == "data":
         print(f"wrote {_data(out, args.pairs)}")
     elif cmd == "train":

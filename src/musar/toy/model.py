@@ -1,11 +1,11 @@
-"""The toy base model: FLUX's architecture at ~2M parameters, built offline (issue 8, item 2).
+"""The toy base model: FLUX's architecture at ~4M parameters, built offline (issue 8, item 2).
 
-Same component set as FLUX.1 (MMDiT transformer, "VAE", CLIP for the pooled vector, T5 for the
+Same component set as FLUX.1 (MMDiT transformer, VAE, CLIP for the pooled vector, T5 for the
 token sequence), so :class:`~musar.pipeline.MusarPipeline`, ``musar train`` and the evaluation code
-run on it unchanged. What differs is size, the codec (:class:`~musar.toy.codec.ToyCodec`, lossless
-space-to-depth) and the tokenizers (one token per word of the world's closed vocabulary). Both text
-encoders start random and are trained *with* the transformer in :mod:`musar.toy.pretrain`:
-there is no pretrained text model small enough, and the world's language is tiny.
+run on it unchanged. What differs is size, the codec (:class:`~musar.toy.codec.ToyCodec`, a small
+learned palette codec) and the tokenizers (one token per word of the world's closed vocabulary).
+The codec, both text encoders and the transformer all start random and are trained in
+:mod:`musar.toy.pretrain`: there is no pretrained model small enough, and the world's language is tiny.
 
 ``guidance_embeds`` is off: the toy model is not guidance-distilled and MusarPipeline does no
 classifier-free guidance, so generation is plain conditional sampling.
@@ -39,13 +39,15 @@ SHIPPED_LORA = ASSETS / "musar_lora.safetensors"
 class ToySizes:
     """Sizes of the toy base. hidden = heads * head_dim = 192; RoPE axes sum to head_dim.
 
-    The hidden width must be at least the 192 values of a packed token (4 x 48 codec channels):
-    FLUX's ``proj_out`` maps hidden -> token values, and a narrower model cannot even represent
-    the noise it has to predict (a first 128-wide base plateaued at that floor and sampled noise).
+    A packed token (4 x 16 latent channels = 64 values) is a third of the hidden width, so the
+    residual stream has room for more than the token itself. With 192 raw pixel values per token
+    it had none, and the model learned far too slowly (see :mod:`musar.toy.codec`).
     """
 
     image_size: int = 64
-    codec_levels: int = 3  # space-to-depth factor 2**(3-1) = 4: 64 px -> 16x16 latents -> 64 tokens
+    codec_levels: int = 3  # down-sampling 2**(3-1) = 4: 64 px -> 16x16 latents -> 64 tokens
+    latent_channels: int = 16  # FLUX's VAE has 16 too
+    codec_width: int = 64
     heads: int = 6
     head_dim: int = 32
     rope_axes: tuple[int, int, int] = (8, 12, 12)
@@ -77,12 +79,15 @@ def build_toy_pipeline(seed: int = 0, sizes: ToySizes | None = None) -> MusarPip
     words = vocabulary()
     tokenizer = word_level_tokenizer(words, model_max_length=s.clip_max_length)
     tokenizer_2 = word_level_tokenizer(words, model_max_length=s.t5_max_length)
-    codec = ToyCodec(block_out_channels=(1,) * s.codec_levels)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        codec = ToyCodec(
+            palette=tuple(world.PALETTE.values()), latent_channels=s.latent_channels, width=s.codec_width,
+            block_out_channels=(1,) * s.codec_levels,
+        )
         transformer = MusarTransformer(
             patch_size=1,
-            in_channels=4 * codec.latent_channels,
+            in_channels=4 * s.latent_channels,
             num_layers=s.double_blocks,
             num_single_layers=s.single_blocks,
             attention_head_dim=s.head_dim,
@@ -92,6 +97,7 @@ def build_toy_pipeline(seed: int = 0, sizes: ToySizes | None = None) -> MusarPip
             guidance_embeds=False,
             axes_dims_rope=s.rope_axes,
         )
+        zero_init_modulation(transformer)
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
                 vocab_size=len(tokenizer), hidden_size=s.clip_width, intermediate_size=2 * s.clip_width,
@@ -115,6 +121,18 @@ def build_toy_pipeline(seed: int = 0, sizes: ToySizes | None = None) -> MusarPip
         scheduler=scheduler, vae=codec, text_encoder=text_encoder.eval(), tokenizer=tokenizer,
         text_encoder_2=text_encoder_2.eval(), tokenizer_2=tokenizer_2, transformer=transformer.eval(),
     )
+
+
+def zero_init_modulation(transformer: MusarTransformer) -> None:
+    """DiT's adaLN-Zero: zero the modulation layers (so every block starts as the identity) and the
+    output projection (so the first prediction is 0). diffusers initialises FLUX for loading
+    pretrained weights, not for training from scratch, where this starts much better behaved."""
+    layers = [transformer.norm_out.linear, transformer.proj_out]
+    layers += [m for b in transformer.transformer_blocks for m in (b.norm1.linear, b.norm1_context.linear)]
+    layers += [b.norm.linear for b in transformer.single_transformer_blocks]
+    for layer in layers:
+        torch.nn.init.zeros_(layer.weight)
+        torch.nn.init.zeros_(layer.bias)
 
 
 def load_toy_pipeline(
@@ -144,5 +162,5 @@ def load_toy_pipeline(
 def parameter_counts(pipe: MusarPipeline) -> dict[str, int]:
     return {
         name: sum(p.numel() for p in getattr(pipe, name).parameters())
-        for name in ("transformer", "text_encoder", "text_encoder_2")
+        for name in ("transformer", "text_encoder", "text_encoder_2", "vae")
     }

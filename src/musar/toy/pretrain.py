@@ -1,6 +1,7 @@
 """Text-to-image pretraining of the toy base on world scenes (issue 8, item 2).
 
-Rectified flow exactly as ``musar train`` uses it (the objective functions of
+Two phases on one rendered pool of scenes: first the codec (:func:`musar.toy.codec.train_codec`,
+a few CPU minutes), then the flow model in the frozen codec's latent space. Rectified flow exactly as ``musar train`` uses it (the objective functions of
 :mod:`musar.train.objective`: logit-normal timesteps with FLUX's resolution shift, ``x_t = (1-t)
 x_0 + t eps``, velocity target, MSE), but here *every* weight trains: the transformer and both
 text encoders, from random initialisation. The data are captioned scenes of one or two subjects
@@ -16,14 +17,16 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from musar.data.samples import another_phrase, diptych_prompt
 from musar.pipeline import MusarPipeline
 from musar.toy import world
+from musar.toy.codec import CodecTrainConfig, ToyCodec, train_codec
 from musar.toy.model import build_toy_pipeline, parameter_counts
 from musar.train.config import ObjectiveConfig
 from musar.train.objective import flow_loss, interpolate, sample_timesteps, velocity_target
@@ -32,7 +35,7 @@ from musar.transformer import latent_image_ids
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    steps: int = 1500
+    steps: int = 3000
     batch_size: int = 32
     lr: float = 1e-3
     warmup: int = 100
@@ -41,20 +44,74 @@ class PretrainConfig:
     max_objects: int = 2
     same_category_prob: float = 0.3
     seed: int = 0
-    threads: int = 1  # on shared CPUs, two threads ran 8x *slower* per step than one
-    log_every: int = 50
+    threads: int = 2  # 0.42 s/step with 2 threads, 0.60 with 1, on an idle 2-core machine
+    log_every: int = 100
+    codec: CodecTrainConfig = field(default_factory=CodecTrainConfig)
+    codec_from: str | None = None  # a trained toy base folder whose codec to reuse instead of training one
     text_length: int = 32  # T5 tokens of a caption (captions are <= ~30 words)
     long_text_every: int = 5  # every k-th step pads to long_text_length, as MUSAR's diptych prompts are
     long_text_length: int = 64
+    brief_prob: float = 0.5  # share of subjects a caption names by category only ("a star")
+    diptychs: int = 3000  # size of the rendered diptych pool
+    diptych_every: int = 4  # every k-th step is a batch of 128x64 diptychs (0: never)
+
+
+def _to_tensor(arrays: list[np.ndarray]) -> torch.Tensor:
+    pixels = np.stack(arrays).astype(np.float32) / 127.5 - 1.0
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
+
+
+def _brief_flags(rng: np.random.Generator, n: int, p: float) -> list[bool]:
+    return [bool(f) for f in rng.random(n) < p]
 
 
 def render_pool(n: int, cfg: PretrainConfig) -> tuple[torch.Tensor, list[str]]:
-    """(n, 3, 64, 64) pixels in [-1, 1] and their captions, from training identities only."""
+    """(n, 3, 64, 64) pixels in [-1, 1] and their captions, from training identities only.
+
+    Each subject is named in full or, with ``cfg.brief_prob``, by its category only, so the base
+    also knows what 'a star' means without a colour, the phrase MUSAR's toy prompts use.
+    """
     scenes = world.make_multi_scenes(
         n, cfg.seed, max_objects=cfg.max_objects, split="train", same_category_prob=cfg.same_category_prob
     )
-    pixels = np.stack([world.render_array(s) for s in scenes]).astype(np.float32) / 127.5 - 1.0
-    return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), [world.caption(s) for s in scenes]
+    rng = np.random.default_rng(cfg.seed + 101)
+    captions = [world.caption(s, _brief_flags(rng, len(s.placements), cfg.brief_prob)) for s in scenes]
+    return _to_tensor([world.render_array(s) for s in scenes]), captions
+
+
+def render_diptychs(n: int, cfg: PretrainConfig) -> tuple[torch.Tensor, list[str]]:
+    """(n, 3, 64, 128) two-column images and their template prompts (training identities only).
+
+    FLUX can draw the diptychs of the paper's Fig. 2 from the template prompt alone (Subjects200K
+    was made that way), and MUSAR's stages 2-3 fine-tune at that 2:1 shape. A base that never
+    saw it would have to learn the shape inside the LoRA. Tried here: MUSAR training then wrecked
+    the square outputs. So the toy base sees such diptychs too, built the way
+    :func:`musar.data.samples.make_diptych` builds them.
+    """
+    specs = world.make_pair_specs(2 * n, cfg.seed + 7, split="train")
+    rng = np.random.default_rng(cfg.seed + 202)
+    arrays, prompts = [], []
+    for a, b in zip(specs[0::2], specs[1::2], strict=True):
+        brief_a, brief_b = _brief_flags(rng, 2, cfg.brief_prob)
+        phrase_b = world.subject_phrase(b.identity, brief=brief_b)
+        if a.identity.category == b.identity.category:
+            phrase_b = another_phrase(phrase_b)
+        prompts.append(diptych_prompt(
+            world.subject_phrase(a.identity, brief=brief_a), world.caption(a.scenes[1], brief_a),
+            phrase_b, world.caption(b.scenes[1], brief_b),
+        ))
+        arrays.append(np.concatenate([world.render_array(a.scenes[1]), world.render_array(b.scenes[1])], axis=1))
+    return _to_tensor(arrays), prompts
+
+
+@torch.no_grad()
+def _encode_pool(pipe: MusarPipeline, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed, scaled latents of a pool (the codec is frozen: encode once) and their position ids."""
+    vae = pipe.vae
+    lat = torch.cat([vae.encode(chunk).latent_dist.mode() for chunk in pixels.split(512)])
+    lat = (lat - vae.config.shift_factor) * vae.config.scaling_factor
+    b, ch, h, w = lat.shape
+    return pipe._pack_latents(lat, b, ch, h, w), latent_image_ids(h // 2, w // 2, "cpu", torch.float32)
 
 
 def encode_text(pipe: MusarPipeline, prompts: list[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,6 +153,12 @@ def _pretrain(cfg: PretrainConfig, out: Path, log: Callable[[str], None]) -> tup
     pipe = build_toy_pipeline(cfg.seed)
     pixels, captions = render_pool(cfg.scenes, cfg)
     log(f"pretrain: {len(captions)} scenes rendered in {time.perf_counter() - t0:.1f}s; params {parameter_counts(pipe)}")
+    if cfg.codec_from:
+        pipe.vae = ToyCodec.from_pretrained(Path(cfg.codec_from) / "vae")
+        codec_info: dict[str, object] = {"reused": str(cfg.codec_from)}
+    else:
+        codec_info = dict(train_codec(pipe.vae, pixels, cfg.codec, log))
+    log(f"pretrain: codec {codec_info}")
     modules = [pipe.transformer, pipe.text_encoder, pipe.text_encoder_2]
     params = [p for m in modules for p in m.parameters()]
     for m in modules:
@@ -104,21 +167,23 @@ def _pretrain(cfg: PretrainConfig, out: Path, log: Callable[[str], None]) -> tup
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
     objective = ObjectiveConfig()
     gen = torch.Generator().manual_seed(cfg.seed)
-    vae = pipe.vae
-    with torch.no_grad():  # the codec is fixed: encode the whole pool once
-        lat = (vae.encode(pixels).latent_dist.mode() - vae.config.shift_factor) * vae.config.scaling_factor
-        b, ch, h, w = lat.shape
-        packed = pipe._pack_latents(lat, b, ch, h, w)
-    img_ids = latent_image_ids(h // 2, w // 2, "cpu", torch.float32)
+    packed, img_ids = _encode_pool(pipe, pixels)
+    pools = [(packed, img_ids, captions)]
+    if cfg.diptych_every and cfg.diptychs:
+        dip_pixels, dip_prompts = render_diptychs(cfg.diptychs, cfg)
+        pools.append((*_encode_pool(pipe, dip_pixels), dip_prompts))
     history: list[float] = []
     window: list[float] = []
     for step in range(cfg.steps):
-        idx = torch.randint(0, len(captions), (cfg.batch_size,), generator=gen)
-        x0 = packed[idx]
+        diptych = len(pools) > 1 and step % cfg.diptych_every == cfg.diptych_every - 1
+        latents, img_ids, texts = pools[1 if diptych else 0]
+        idx = torch.randint(0, len(texts), (cfg.batch_size,), generator=gen)
+        x0 = latents[idx]
         # Text is padded without a mask, FLUX-style, so the pad count is part of the input: show the
         # model the longer padding MUSAR fine-tuning will use, too.
-        length = cfg.long_text_length if cfg.long_text_every and step % cfg.long_text_every == 0 else cfg.text_length
-        seq, pooled = encode_text(pipe, [captions[i] for i in idx.tolist()], length)
+        long = diptych or (cfg.long_text_every and step % cfg.long_text_every == 0)
+        length = cfg.long_text_length if long else cfg.text_length
+        seq, pooled = encode_text(pipe, [texts[i] for i in idx.tolist()], length)
         t = sample_timesteps(cfg.batch_size, x0.shape[1], objective, gen, "cpu")
         eps = torch.randn(x0.shape, generator=gen)
         pred = pipe.transformer(
@@ -143,7 +208,7 @@ def _pretrain(cfg: PretrainConfig, out: Path, log: Callable[[str], None]) -> tup
     base = out / "base"
     pipe.save_pretrained(base)
     info = {"config": asdict(cfg), "wall_s": round(time.perf_counter() - t0, 1), "loss_history": history,
-            "params": parameter_counts(pipe)}
+            "codec": codec_info, "params": parameter_counts(pipe)}
     (out / "pretrain.json").write_text(json.dumps(info, indent=2))
     log(f"pretrain: saved {base} after {info['wall_s']}s")
     return pipe, info

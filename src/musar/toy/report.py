@@ -18,8 +18,10 @@ from PIL import Image
 
 from musar.toy.analyser import Verdict, evaluate, summarize
 from musar.toy.cases import Case, generate_case, generate_text_only, make_cases
+from musar.toy.codec import codec_round_trip
 from musar.toy.model import load_toy_pipeline
 from musar.toy.variants import VARIANTS, get_variant, variant_dir
+from musar.toy.world import render_scene
 
 METRICS: tuple[tuple[str, str], ...] = (
     ("all_present_rate", "both present"),
@@ -62,12 +64,21 @@ def run_report(
     results: dict[str, dict[str, object]] = {}
     samples: dict[str, list[Image.Image]] = {}
     rows: list[tuple[str, str, str]] = []
-    names = (["base"] if include_base else []) + list(variants)
+    names = (["codec", "base"] if include_base else []) + list(variants)
     for name in names:
         t0 = time.perf_counter()
         verdicts: list[Verdict] = []
         images: list[Image.Image] = []
-        if name == "base":
+        if name == "codec":
+            # What a perfect flow model could score at best: the prompted scene, rendered, through
+            # the codec and back. Deterministic, so every seed gets the same image.
+            vae = load_toy_pipeline(out / "base").vae
+            for case in test_cases:
+                imgs = [codec_round_trip(vae, render_scene(case.scene))] * len(seeds)
+                images.extend(imgs)
+                verdicts.extend(evaluate(im, case.identities, case.scene) for im in imgs)
+            label, command = "codec round trip of the prompted scene (ceiling)", "musar toy pretrain"
+        elif name == "base":
             pipe = load_toy_pipeline(out / "base")
             for case in test_cases:
                 imgs = [generate_text_only(pipe, case.prompt, s) for s in seeds]

@@ -10,7 +10,7 @@ Rendering rules that the analyser relies on:
 * each object fills a square box (side ``scale * size``) and keeps a rim of body colour
   (``rim_width(size)`` px) around its pattern, so the body colour always dominates the outline;
 * patterns are anchored at the object's centre (a dot, a stripe or a check always sits there),
-  with a unit of ``pattern_unit(size)`` px (4 px at 64x64);
+  with a unit of ``pattern_unit(size)`` px (6 px at 64x64);
 * the background never has the colour of an object's body or pattern.
 """
 
@@ -65,10 +65,13 @@ LAYOUTS: dict[int, tuple[tuple[str, ...], ...]] = {
     2: (("left", "right"), ("top", "bottom"), ("top left", "bottom right"), ("top right", "bottom left")),
     3: (("top left", "top right", "bottom"), ("top", "bottom left", "bottom right")),
 }
-# Object side as a fraction of the image side, by number of objects: 20-29 px alone at 64x64,
-# smaller when they must share the canvas without touching.
-SCALE_RANGE: dict[int, tuple[float, float]] = {1: (0.32, 0.46), 2: (0.30, 0.42), 3: (0.28, 0.34)}
-JITTER = 0.03  # max centre offset, fraction of the side; far below the spacing between regions
+# Object side as a fraction of the image side, by number of objects: 27 px alone at 64x64, 24 px
+# in twos. One size per count and no jitter: a first base model, trained on sizes drawn from
+# ranges and jittered centres, had not learned to draw clean subjects after 17 CPU minutes. A world
+# with one geometry per (region, count) is learnable in that time. Identity, not geometry, is what
+# MUSAR is measured on.
+SCALE_RANGE: dict[int, tuple[float, float]] = {1: (0.42, 0.42), 2: (0.38, 0.38), 3: (0.30, 0.30)}
+JITTER = 0.0  # max centre offset, fraction of the side
 MIN_GAP = 4 / 64  # objects stay this far apart (fraction of the side) so even blurred ones separate
 
 
@@ -181,10 +184,14 @@ def sample_identity(rng: np.random.Generator, split: str | None = None) -> Ident
     raise MusarError(f"no identity found in split {split!r}")
 
 
-def subject_phrase(identity: Identity, article: bool = False) -> str:
-    """'red circle with white stripes' (Subjects200K ``item`` style; ``article`` prepends 'a')."""
-    text = f"{identity.body_colour} {identity.shape}"
-    if identity.pattern != "plain":
+def subject_phrase(identity: Identity, article: bool = False, brief: bool = False) -> str:
+    """'red circle with white stripes' (Subjects200K ``item`` style; ``article`` prepends 'a').
+
+    ``brief`` names the category only ('circle'), as DreamBench prompts name only the class: the
+    identity must then come from a reference image.
+    """
+    text = identity.shape if brief else f"{identity.body_colour} {identity.shape}"
+    if identity.pattern != "plain" and not brief:
         text += f" with {identity.pattern_colour} {identity.pattern}"
     return f"a {text}" if article else text
 
@@ -199,9 +206,24 @@ def where(region: str) -> str:
     }.get(region, f"in the {region}")
 
 
-def caption(scene: Scene) -> str:
-    """'a red circle with white stripes on the left and a green square at the top, on a gray background'."""
-    parts = [f"{subject_phrase(p.identity, article=True)} {where(p.region)}" for p in scene.placements]
+def caption(scene: Scene, brief: bool | Sequence[bool] = False) -> str:
+    """'a red circle with white stripes on the left and a green square at the top, on a gray background'.
+
+    ``brief`` (one flag, or one per placement) names subjects by category only; a brief subject
+    whose shape was named before becomes 'another <shape>' ('a star on the left and another star
+    on the right'), the phrase rule MUSAR's diptych prompts use for same-category subjects.
+    """
+    flags = [brief] * len(scene.placements) if isinstance(brief, bool) else list(brief)
+    if len(flags) != len(scene.placements):
+        raise MusarError(f"caption: {len(flags)} brief flags for {len(scene.placements)} subjects")
+    parts, seen = [], set()
+    for p, short in zip(scene.placements, flags, strict=True):
+        if short and p.identity.shape in seen:
+            phrase = f"another {p.identity.shape}"
+        else:
+            phrase = subject_phrase(p.identity, article=True, brief=short)
+        seen.add(p.identity.shape)
+        parts.append(f"{phrase} {where(p.region)}")
     texture = "speckled " if scene.texture == "speckled" else ""
     ground = f"on a {texture}{scene.background} background"
     if not parts:
@@ -215,7 +237,8 @@ def rim_width(size: int) -> int:
 
 
 def pattern_unit(size: int) -> int:
-    return max(2, round(4 * size / 64))
+    # 6 px at 64x64: 4 px checks and dots were the detail the toy models learned last.
+    return max(2, round(6 * size / 64))
 
 
 def shape_mask(shape: str, size: int, x0: int, y0: int, w: int, h: int | None = None) -> np.ndarray:
@@ -434,18 +457,22 @@ def pair_image(views: Sequence[Image.Image], padding: int | None = None) -> Imag
     return out
 
 
-def pair_record(spec: PairSpec, padding: int | None = None) -> dict[str, object]:
-    """One row in exactly the Subjects200K schema (image as a PIL image)."""
+def pair_record(spec: PairSpec, padding: int | None = None, brief: bool = False) -> dict[str, object]:
+    """One row in exactly the Subjects200K schema (image as a PIL image).
+
+    ``brief`` names the subject by its category in ``item`` and both descriptions, so a model
+    trained on the rows must take the subject's look from the other view, not from the words.
+    """
     views = [render_scene(s) for s in spec.scenes]
     return {
         "image": pair_image(views, padding),
         "collection": COLLECTION,
         "quality_assessment": dict(spec.quality),
         "description": {
-            "item": subject_phrase(spec.identity),
+            "item": subject_phrase(spec.identity, brief=brief),
             "category": spec.identity.category,
-            "description_0": caption(spec.scenes[0]),
-            "description_1": caption(spec.scenes[1]),
+            "description_0": caption(spec.scenes[0], brief),
+            "description_1": caption(spec.scenes[1], brief),
         },
     }
 
@@ -458,10 +485,11 @@ def make_pairs(
     split: str | None = "train",
     low_quality_frac: float = 0.0,
     texture_prob: float = 0.0,
+    brief: bool = False,
 ) -> list[dict[str, object]]:
     """``n`` Subjects200K rows of toy subjects (``split='train'`` keeps test identities out)."""
     specs = make_pair_specs(n, seed, size, split, low_quality_frac, texture_prob)
-    return [pair_record(s, padding) for s in specs]
+    return [pair_record(s, padding, brief) for s in specs]
 
 
 def write_pairs_parquet(
@@ -473,6 +501,7 @@ def write_pairs_parquet(
     split: str | None = "train",
     low_quality_frac: float = 0.0,
     texture_prob: float = 0.0,
+    brief: bool = False,
 ) -> Path:
     """Write :func:`make_pairs` rows as one Subjects200K parquet file (atomically).
 
@@ -481,7 +510,7 @@ def write_pairs_parquet(
     """
     from musar.data.schema import write_subjects200k_parquet  # pulls in `datasets`; only here
 
-    records = make_pairs(n, seed, size, padding, split, low_quality_frac, texture_prob)
+    records = make_pairs(n, seed, size, padding, split, low_quality_frac, texture_prob, brief)
     return write_subjects200k_parquet(records, path)
 
 
