@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +73,22 @@ def test_toy_folder_saves_and_loads(tmp_path: Path) -> None:
     assert torch.equal(back.vae.colours, pipe.vae.colours)
 
 
+def test_diptych_pool_follows_the_template_and_another_rule() -> None:
+    from musar.data.samples import DIPTYCH_TEMPLATE
+    from musar.spans import find_phrase_chars
+    from musar.toy.pretrain import PretrainConfig, render_diptychs
+
+    pixels, prompts = render_diptychs(40, PretrainConfig(brief_prob=1.0))
+    assert pixels.shape == (40, 3, 64, 128) and len(prompts) == 40
+    head = DIPTYCH_TEMPLATE.split("{")[0]
+    assert all(p.startswith(head) for p in prompts)
+    repeats = [p for p in prompts if "another" in p]
+    assert repeats  # same-shape halves occur, and are marked the way make_diptych marks them
+    for prompt in repeats:
+        left = prompt[len(head):].split(".")[0]
+        assert find_phrase_chars(prompt, [left, f"another {left}"])
+
+
 def test_shortened_end_to_end(tmp_path: Path) -> None:
     from musar.toy.pretrain import PretrainConfig, pretrain
     from musar.toy.report import run_report
@@ -80,7 +97,12 @@ def test_shortened_end_to_end(tmp_path: Path) -> None:
 
     out = tmp_path / "toy"
     codec = CodecTrainConfig(steps=2, batch_size=2, log_every=1)
-    pretrain(PretrainConfig(steps=2, batch_size=2, scenes=16, log_every=1, codec=codec), out, log=lambda _: None)
+    cfg = PretrainConfig(steps=4, batch_size=2, scenes=16, diptychs=8, log_every=1, codec=codec)
+    first, _ = pretrain(cfg, out, log=lambda _: None)
+    again, info = pretrain(replace(cfg, codec_from=str(out / "base")), tmp_path / "again", log=lambda _: None)
+    assert info["codec"] == {"reused": str(out / "base")}
+    assert all(torch.equal(a, b) for a, b in zip(first.vae.state_dict().values(), again.vae.state_dict().values(), strict=True))
+    assert again.vae.config.scaling_factor == first.vae.config.scaling_factor
     write_pairs_parquet(16, out / "pairs.parquet", seed=1, size=64)
     short = ("curriculum.stage1_steps=1", "curriculum.stage2_steps=1", "curriculum.stage3_steps=1",
              "optim.batch_size=2", "optim.warmup_steps=1", "log_every=1")
