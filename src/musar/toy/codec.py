@@ -177,8 +177,8 @@ def train_codec(
     with torch.no_grad():
         z = torch.cat([codec.encoder(chunk) for chunk in pixels.split(256)])
         accuracy = torch.cat([
-            (codec.logits(codec.encoder(chunk)).argmax(1) == lab).float().flatten()
-            for chunk, lab in zip(pixels.split(256), labels.split(256), strict=True)
+            (codec.logits(zc).argmax(1) == lab).float().flatten()
+            for zc, lab in zip(z.split(256), labels.split(256), strict=True)
         ]).mean()
     codec.register_to_config(shift_factor=float(z.mean()), scaling_factor=float(1.0 / z.std()))
     return {"pixel_accuracy": float(accuracy), "latent_mean": float(z.mean()), "latent_std": float(z.std()),
