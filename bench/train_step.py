@@ -42,20 +42,15 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from musar.bench_forward import build_random_model
+from musar.bench.forward import build_random_model
+from musar.bench.settings import FLUX_DEV_CONFIG, TINY_CONFIG
 from musar.lora import BranchLoRAConfig, inject_branch_lora, remove_branch_lora
-from musar.routing import RoutingOptions
+from musar.models.routing import RoutingOptions
+from musar.models.transformer import ConditionInputs, MusarTransformer, condition_image_ids, latent_image_ids
 from musar.train.config import ObjectiveConfig
 from musar.train.objective import EncodedBatch, draw_noise, flow_step_loss
 from musar.train.setup import sdpa_context, select_trainable
-from musar.transformer import ConditionInputs, MusarTransformer, condition_image_ids, latent_image_ids
 
-FLUX_DEV = {"patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
-            "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768,
-            "guidance_embeds": True, "axes_dims_rope": (16, 56, 56)}
-TINY = {"patch_size": 1, "in_channels": 16, "num_layers": 1, "num_single_layers": 2, "attention_head_dim": 16,
-        "num_attention_heads": 2, "joint_attention_dim": 32, "pooled_projection_dim": 16, "guidance_embeds": True,
-        "axes_dims_rope": (4, 6, 6)}
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.1}  # dense bf16
 
 
@@ -227,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         print("train_step: no CUDA device; use --device cpu --preset tiny for a smoke run", file=sys.stderr)
         return 2
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    config = FLUX_DEV if args.preset == "flux-dev" else TINY
+    config = FLUX_DEV_CONFIG if args.preset == "flux-dev" else TINY_CONFIG
     model = build_model(config, device, dtype, seed=0)
     if not args.no_checkpointing:
         model.enable_gradient_checkpointing()

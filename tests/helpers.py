@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from musar.transformer import ConditionInputs, MusarTransformer, condition_image_ids, latent_image_ids
+from musar.models.transformer import ConditionInputs, MusarTransformer, condition_image_ids, latent_image_ids
 
 
 def make_inputs(

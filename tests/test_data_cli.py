@@ -15,12 +15,6 @@ from musar import cli
 import data_fixtures as fx
 
 
-@pytest.fixture(autouse=True)
-def registered(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Register the subcommand the way cli.py does, whether or not it already lists it.
-    monkeypatch.setitem(cli.SUBCOMMANDS, "data", "musar.data.cli")
-
-
 @pytest.fixture(scope="module")
 def parquet(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return fx.write_subjects(tmp_path_factory.mktemp("cli") / "train.parquet")

@@ -21,7 +21,8 @@ import data_fixtures as fx
 
 pytestmark = pytest.mark.filterwarnings("ignore::musar.data.subjects200k.BadRowWarning")
 
-CFG = CurriculumConfig(stage1_steps=4, stage2_steps=6, stage3_steps=4, seed=7)
+CFG = CurriculumConfig(stage1_steps=4, stage2_steps=6, stage3_steps=4)
+SEED = 7
 
 
 @pytest.fixture(scope="module")
@@ -79,14 +80,14 @@ def test_stage2_mix_within_tolerance(source: Subjects200K) -> None:
     assert set(kinds) == {"single", "random_pair"}
     assert abs(kinds["random_pair"] / 20000 - 0.8) < 0.02
     # The same mix through the real stream (per batch; 4 sigma tolerance).
-    stream = CurriculumStream(source, CFG, stage=2, num_batches=400)
+    stream = CurriculumStream(source, CFG, seed=SEED, stage=2, num_batches=400)
     dips = sum(s.num_conditions == 2 for s in stream)
     assert abs(dips / 400 - 0.8) < 0.08
 
 
 def test_stages_follow_steps(source: Subjects200K) -> None:
-    cfg = CurriculumConfig(stage1_steps=3, stage2_steps=3, stage3_steps=3, batches_per_step=2, seed=1)
-    samples = list(CurriculumStream(source, cfg, batch_size=2, num_batches=18))
+    cfg = CurriculumConfig(stage1_steps=3, stage2_steps=3, stage3_steps=3)
+    samples = list(CurriculumStream(source, cfg, batch_size=2, num_batches=18, seed=1, batches_per_step=2))
     stages = [s.meta["stage"] for s in samples]
     assert stages == [1] * 12 + [2] * 12 + [3] * 12  # 3 steps x 2 batches x 2 samples per stage
     for s in samples:
@@ -102,8 +103,8 @@ def test_stages_follow_steps(source: Subjects200K) -> None:
 def test_same_seed_same_stream_other_rank_or_seed_differs(source: Subjects200K) -> None:
     def run(**kw: Any) -> list[tuple[Any, ...]]:
         seed = kw.pop("seed", 7)
-        cfg = CurriculumConfig(stage1_steps=0, stage2_steps=100, seed=seed)
-        return fingerprint(CurriculumStream(source, cfg, batch_size=2, num_batches=12, **kw))
+        cfg = CurriculumConfig(stage1_steps=0, stage2_steps=100)
+        return fingerprint(CurriculumStream(source, cfg, batch_size=2, num_batches=12, seed=seed, **kw))
 
     base = run(rank=0, world_size=2)
     assert base == run(rank=0, world_size=2)
@@ -112,7 +113,7 @@ def test_same_seed_same_stream_other_rank_or_seed_differs(source: Subjects200K) 
 
 
 def test_workers_see_different_parts_of_one_stream(source: Subjects200K) -> None:
-    stream = CurriculumStream(source, CFG, batch_size=2, num_batches=10, start_step=4)
+    stream = CurriculumStream(source, CFG, seed=SEED, batch_size=2, num_batches=10, start_step=4)
     whole = fingerprint(stream.iter_worker(0, 1))
     w0, w1 = fingerprint(stream.iter_worker(0, 2)), fingerprint(stream.iter_worker(1, 2))
     assert w0 != w1 and not set(w0) & set(w1)
@@ -122,26 +123,26 @@ def test_workers_see_different_parts_of_one_stream(source: Subjects200K) -> None
 
 
 def test_resume_from_a_data_position(source: Subjects200K) -> None:
-    full = fingerprint(CurriculumStream(source, CFG, batch_size=3, num_batches=20))
-    stream = CurriculumStream(source, CFG, batch_size=3, num_batches=10)
+    full = fingerprint(CurriculumStream(source, CFG, seed=SEED, batch_size=3, num_batches=20))
+    stream = CurriculumStream(source, CFG, seed=SEED, batch_size=3, num_batches=10)
     state = stream.state_dict() | {"position": 10}
-    resumed = CurriculumStream(source, CFG, batch_size=3, num_batches=10)
+    resumed = CurriculumStream(source, CFG, seed=SEED, batch_size=3, num_batches=10)
     resumed.load_state_dict(state)
     assert fingerprint(resumed) == full[30:]
-    by_step = CurriculumStream(source, CFG, batch_size=3, num_batches=10, start_step=10)
+    by_step = CurriculumStream(source, CFG, seed=SEED, batch_size=3, num_batches=10, start_step=10)
     assert fingerprint(by_step) == full[30:]
-    other = CurriculumStream(source, CurriculumConfig(seed=8), batch_size=3)
+    other = CurriculumStream(source, CFG, batch_size=3, seed=8)
     with pytest.raises(MusarError, match="seed"):
         other.load_state_dict(state)
 
 
 def test_musar_gen_mixed_or_alone(source: Subjects200K, musar_gen: MusarGen) -> None:
-    cfg = CurriculumConfig(stage1_steps=0, stage2_steps=0, stage3_steps=10, musar_gen_ratio=0.5, seed=3)
+    cfg = CurriculumConfig(stage1_steps=0, stage2_steps=0, stage3_steps=10, musar_gen_ratio=0.5)
     kinds = Counter(
-        s.meta["batch_kind"] for s in CurriculumStream(source, cfg, musar_gen=musar_gen, num_batches=60)
+        s.meta["batch_kind"] for s in CurriculumStream(source, cfg, musar_gen=musar_gen, num_batches=60, seed=3)
     )
     assert set(kinds) == {"musar_gen", "same_category"} and 15 <= kinds["musar_gen"] <= 45
-    alone = list(CurriculumStream(None, cfg, musar_gen=musar_gen, batch_size=2, num_batches=4))
+    alone = list(CurriculumStream(None, cfg, musar_gen=musar_gen, batch_size=2, num_batches=4, seed=3))
     assert len(alone) == 8 and all(s.meta["kind"] == "musar_gen" and s.num_conditions == 2 for s in alone)
     with pytest.raises(MusarError):
         CurriculumStream(None, cfg)
@@ -151,7 +152,7 @@ def test_dataloader_with_workers_matches_in_process(source: Subjects200K) -> Non
     tf = BatchTransform(view_size=16, condition_size=8)
 
     def batches(workers: int) -> list[tuple[Any, ...]]:
-        stream = CurriculumStream(source, CFG, batch_size=2, num_batches=8, start_step=3)
+        stream = CurriculumStream(source, CFG, seed=SEED, batch_size=2, num_batches=8, start_step=3)
         return [
             (b.num_conditions, b.prompts, b.next_position, b.target.sum().item())
             for b in make_loader(stream, transform=tf, num_workers=workers)
@@ -160,6 +161,6 @@ def test_dataloader_with_workers_matches_in_process(source: Subjects200K) -> Non
     serial = batches(0)
     assert [pos for *_, pos, _ in serial] == list(range(4, 12))
     assert serial == batches(2)
-    stream = CurriculumStream(source, CFG, batch_size=2, num_batches=1)
+    stream = CurriculumStream(source, CFG, seed=SEED, batch_size=2, num_batches=1)
     batch = next(iter(make_loader(stream, transform=tf)))
     assert batch.target.dtype == torch.float32 and batch.target.shape == (2, 3, 16, 16)

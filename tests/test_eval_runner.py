@@ -156,7 +156,7 @@ def test_compare_merges_single_and_multi_runs(cases: list[Case], tmp_path: Path)
 def test_cli_with_fake_pipeline(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from musar.eval import cli
+    from musar.cli import eval as cli
 
     seen: dict[str, Any] = {"calls": []}
 
@@ -180,7 +180,7 @@ def test_cli_with_fake_pipeline(
 
         return pipe
 
-    monkeypatch.setattr("musar.presets.load_pipeline", load_pipeline)
+    monkeypatch.setattr("musar.pipelines.presets.load_pipeline", load_pipeline)
     parser = argparse.ArgumentParser(prog="musar")
     cli.add_parser(parser.add_subparsers(dest="command"))
     out = tmp_path / "cli"

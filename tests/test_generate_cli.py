@@ -15,8 +15,8 @@ from PIL import Image
 
 from musar.cli import main
 from musar.lora import BranchLoRAConfig, inject_branch_lora
-from musar.lora_io import save_branch_lora
-from musar.transformer import MusarTransformer
+from musar.lora.io import save_branch_lora
+from musar.models.transformer import MusarTransformer
 
 PROMPT = "a corgi, a red backpack and a teapot on the beach"
 PHRASES = ["a corgi", "a red backpack", "a teapot"]
@@ -62,7 +62,7 @@ def test_generate_writes_image_sidecar_and_maps(images: dict[str, Path], tmp_pat
 
 
 def test_lora_is_recorded_with_its_hash(images: dict[str, Path], tmp_path: Path) -> None:
-    from musar.presets import tiny_pipeline
+    from musar.pipelines.presets import tiny_pipeline
 
     transformer = tiny_pipeline().transformer
     inject_branch_lora(transformer, BranchLoRAConfig(noise_rank=2, subject_rank=4))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from musar.layout import Kind, TokenLayout
-from musar.routing import (
+from musar.models.layout import Kind, TokenLayout
+from musar.models.routing import (
     RoutingOptions,
     kept_fraction,
     routed_mask,

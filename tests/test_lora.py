@@ -11,7 +11,6 @@ from safetensors.torch import save_file
 from torch import nn
 
 from musar.errors import MusarError
-from musar.layout import TokenLayout
 from musar.lora import (
     DEFAULT_TARGETS,
     BranchLoRAConfig,
@@ -19,10 +18,11 @@ from musar.lora import (
     RowPlan,
     inject_branch_lora,
     lora_named_parameters,
-    stream_of,
 )
-from musar.lora_io import load_branch_lora, read_lora_config, save_branch_lora
-from musar.transformer import MusarTransformer
+from musar.lora.io import load_branch_lora, read_lora_config, save_branch_lora
+from musar.lora.layer import stream_of
+from musar.models.layout import TokenLayout
+from musar.models.transformer import MusarTransformer
 
 from helpers import make_inputs
 

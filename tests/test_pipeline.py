@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from musar.errors import MusarError
-from musar.images import load_reference, to_rgb
-from musar.pipeline import MusarPipeline
-from musar.presets import tiny_pipeline
+from musar.pipelines.pipeline_musar import MusarPipeline
+from musar.pipelines.presets import tiny_pipeline
+from musar.utils.images import load_reference, to_rgb
 
 PROMPT = "a corgi, a red backpack and a teapot on the beach"
 PHRASES = ["a corgi", "a red backpack", "a teapot"]

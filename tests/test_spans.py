@@ -7,8 +7,8 @@ import re
 import pytest
 
 from musar.errors import MusarError
-from musar.spans import find_phrase_chars, find_subject_spans, spans_tensor
-from musar.tokenizer import train_unigram_tokenizer, word_level_tokenizer
+from musar.pipelines.spans import find_phrase_chars, find_subject_spans, spans_tensor
+from musar.utils.tokenizer import train_unigram_tokenizer, word_level_tokenizer
 
 CORPUS = [
     "a photo of a dog and another dog on the beach",

@@ -18,11 +18,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from musar.bench import add_parser
-from musar.flex import FlexPlan, FlexStatics, flex_plan, flex_routed_attention, flex_statics
-from musar.layout import TokenLayout
+from musar.cli.bench import add_parser
 from musar.lora import BranchLoRAConfig, inject_branch_lora
-from musar.routing import (
+from musar.models.flex import FlexPlan, FlexStatics, flex_plan, flex_routed_attention, flex_statics
+from musar.models.layout import TokenLayout
+from musar.models.routing import (
     RoutingOptions,
     SegmentMap,
     resolve_backend,
@@ -30,7 +30,7 @@ from musar.routing import (
     subject_affinity,
     subject_affinity_fused,
 )
-from musar.transformer import MusarTransformer
+from musar.models.transformer import MusarTransformer
 
 from helpers import make_inputs
 
@@ -278,7 +278,7 @@ def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("per_head", [False, True], ids=["mean", "per_head"])
 def test_gpu_routed_attention_matches_reference_bf16(c: int, backend: str, per_head: bool) -> None:
     """FLUX.1-dev at 1024x1024 with c 512x512 references: one attention call, fwd and bwd."""
-    from musar.attention import RoutingContext, fast_routed_attention
+    from musar.models.attention import RoutingContext, fast_routed_attention
 
     lay = TokenLayout.uniform(prompt=512, noise=4096, num_conditions=c, cond_image=1024, cond_text=32)
     g = torch.Generator(device="cuda").manual_seed(c)

@@ -75,7 +75,7 @@ def test_toy_folder_saves_and_loads(tmp_path: Path) -> None:
 
 def test_diptych_pool_follows_the_template_and_another_rule() -> None:
     from musar.data.samples import DIPTYCH_TEMPLATE
-    from musar.spans import find_phrase_chars
+    from musar.pipelines.spans import find_phrase_chars
     from musar.toy.pretrain import PretrainConfig, render_diptychs
 
     pixels, prompts = render_diptychs(40, PretrainConfig(brief_prob=1.0))

@@ -24,7 +24,7 @@ from train_fixtures import tiny_config
 
 @pytest.fixture(scope="module")
 def tiny_base() -> Any:
-    from musar.presets import tiny_pipeline
+    from musar.pipelines.presets import tiny_pipeline
 
     return tiny_pipeline()
 
@@ -35,7 +35,7 @@ def patched(tiny_base: Any) -> Iterator[None]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # two OpenMP threads on a loaded 2-core machine stall for seconds
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("musar.presets.tiny_pipeline", lambda seed=0: copy.deepcopy(tiny_base))
+        mp.setattr("musar.pipelines.presets.tiny_pipeline", lambda seed=0: copy.deepcopy(tiny_base))
         yield
     torch.set_num_threads(threads)
 
@@ -139,7 +139,7 @@ def test_stages_follow_the_curriculum(straight: TrainResult) -> None:
 
 
 def test_saved_lora_loads_into_the_pipeline_and_generates(straight: TrainResult) -> None:
-    from musar.presets import load_pipeline
+    from musar.pipelines.presets import load_pipeline
 
     assert (straight.output_dir / "validation" / "step_00000010.png").is_file()
     pipe = load_pipeline(preset="tiny", lora=straight.lora_path, device="cpu")

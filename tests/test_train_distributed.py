@@ -55,10 +55,10 @@ def _fsdp_check(rank: int, out_dir: Path) -> None:
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
     from musar.lora import BranchLoRAConfig, BranchLoRALinear, inject_branch_lora, lora_named_parameters
-    from musar.lora_io import load_branch_lora
+    from musar.lora.io import load_branch_lora
+    from musar.models.transformer import MusarTransformer
     from musar.train.distributed import load_optimizer, save_lora, save_optimizer
     from musar.train.setup import select_trainable
-    from musar.transformer import MusarTransformer
 
     from helpers import make_inputs
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel
 
-from musar.attention import LayerRouting, RouteRecord, RoutingContext
-from musar.layout import TokenLayout
 from musar.lora import BranchLoRAConfig, inject_branch_lora
-from musar.routing import RoutingOptions
-from musar.transformer import MusarTransformer
+from musar.models.attention import LayerRouting, RouteRecord, RoutingContext
+from musar.models.layout import TokenLayout
+from musar.models.routing import RoutingOptions
+from musar.models.transformer import MusarTransformer
 
 from helpers import make_inputs
 

@@ -18,12 +18,6 @@ from musar.ui.logic import ModelSource, Problem, Request, check_request, cli_com
 PROMPT = "a photo of a dog and a red backpack on the beach"
 
 
-@pytest.fixture(autouse=True)
-def registered(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Register the subcommand the way cli.py does, whether or not it already lists it.
-    monkeypatch.setitem(cli.SUBCOMMANDS, "ui", "musar.ui.cli")
-
-
 @pytest.fixture
 def refs(tmp_path: Path) -> tuple[str, str]:
     a, b = tmp_path / "dog.png", tmp_path / "backpack.jpg"
@@ -159,7 +153,7 @@ class FakePipe:
         self.calls: list[dict[str, Any]] = []
 
     def __call__(self, **kwargs: Any) -> Any:
-        from musar.pipeline import MusarPipelineOutput
+        from musar.pipelines.pipeline_musar import MusarPipelineOutput
 
         self.calls.append(kwargs)
         if self.fail is not None:
@@ -235,7 +229,7 @@ def test_ui_refuses_busy_port_and_unknown_preset(tmp_path: Path, capsys: pytest.
 
 @pytest.mark.slow
 def test_cli_command_reproduces_the_ui_image(refs: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from musar.presets import load_pipeline
+    from musar.pipelines.presets import load_pipeline
 
     studio = Studio(load_pipeline(preset="tiny"), ModelSource(preset="tiny"), tmp_path / "ui")
     request, problems = check([(refs[0], "a dog"), (refs[1], "a red backpack")], height=128, width=128, steps=2,

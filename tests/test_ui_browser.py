@@ -58,7 +58,7 @@ def app_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     paths = [str(ROOT / "src"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     env = os.environ | {"PYTHONPATH": os.pathsep.join(paths)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "musar.ui.cli", "--preset", "tiny", "--port", str(port), "--out-dir", str(tmp / "out")],
+        [sys.executable, "-m", "musar.cli.ui", "--preset", "tiny", "--port", str(port), "--out-dir", str(tmp / "out")],
         stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp,
     )
     url = f"http://127.0.0.1:{port}/"

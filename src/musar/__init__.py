@@ -1,7 +1,26 @@
-"""MUSAR: multi-subject customization of FLUX.1-dev via attention routing."""
+"""MUSAR: multi-subject customization of FLUX.1-dev via attention routing.
+
+``from musar import MusarPipeline`` works like ``from diffusers import FluxPipeline``; names are
+imported on first use, so ``import musar`` (and the ``musar`` CLI) does not import torch.
+"""
+
+from __future__ import annotations
 
 from musar.errors import MusarError
+from musar.utils.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-__all__ = ["MusarError", "__version__"]
+_EXPORTS: dict[str, str] = {
+    "MusarPipeline": "musar.pipelines.pipeline_musar",
+    "MusarPipelineOutput": "musar.pipelines.pipeline_musar",
+    "MusarTransformer": "musar.models.transformer",
+    "ConditionInputs": "musar.models.transformer",
+    "RoutingOptions": "musar.models.routing",
+    "TokenLayout": "musar.models.layout",
+    "BranchLoRAConfig": "musar.lora.config",
+    "load_pipeline": "musar.pipelines.presets",
+}
+
+__all__ = ["MusarError", "__version__", *sorted(_EXPORTS)]
+__getattr__, __dir__ = lazy_exports("musar", _EXPORTS)

@@ -3,7 +3,7 @@
 Typical training use::
 
     source = Subjects200K.open("Yuanshi/Subjects200K")          # or a local parquet file/folder
-    stream = CurriculumStream(source, CurriculumConfig(seed=0), batch_size=4,
+    stream = CurriculumStream(source, CurriculumConfig(), batch_size=4, seed=0,
                               rank=rank, world_size=world_size, start_step=step)
     for batch in make_loader(stream, transform=BatchTransform(), num_workers=4):
         ...  # batch.target (B,3,H,W), batch.references (B,c,3,h,w) in [-1, 1]
@@ -12,78 +12,46 @@ Typical training use::
 The DreamBench reader lives in ``musar.data.dreambench``; nothing here imports it.
 """
 
-from musar.data.batches import (
-    Batch,
-    BatchTransform,
-    BucketBatcher,
-    TensorSample,
-    collate,
-    make_loader,
-    to_pil,
-    to_tensor,
-)
-from musar.data.curriculum import CurriculumConfig, CurriculumStream, batch_kind, stage_for_step
-from musar.data.musar_gen import MUSAR_GEN_HUB_ID, MusarGen
-from musar.data.samples import (
-    DIPTYCH_TEMPLATE,
-    DiptychSampler,
-    Sample,
-    another_phrase,
-    diptych_prompt,
-    make_diptych,
-    single_sample,
-    single_samples,
-)
-from musar.data.schema import (
-    MUSAR_GEN_FEATURES,
-    SUBJECTS200K_FEATURES,
-    load_source,
-    write_musar_gen_parquet,
-    write_subjects200k_parquet,
-)
-from musar.data.subjects200k import (
-    SUBJECTS200K_HUB_ID,
-    BadRowWarning,
-    FilterReport,
-    SubjectPair,
-    Subjects200K,
-    split_views,
-    view_boxes,
-)
+from __future__ import annotations
 
-__all__ = [
-    "DIPTYCH_TEMPLATE",
-    "MUSAR_GEN_FEATURES",
-    "MUSAR_GEN_HUB_ID",
-    "SUBJECTS200K_FEATURES",
-    "SUBJECTS200K_HUB_ID",
-    "BadRowWarning",
-    "Batch",
-    "BatchTransform",
-    "BucketBatcher",
-    "CurriculumConfig",
-    "CurriculumStream",
-    "DiptychSampler",
-    "FilterReport",
-    "MusarGen",
-    "Sample",
-    "SubjectPair",
-    "Subjects200K",
-    "TensorSample",
-    "another_phrase",
-    "batch_kind",
-    "collate",
-    "diptych_prompt",
-    "load_source",
-    "make_diptych",
-    "make_loader",
-    "single_sample",
-    "single_samples",
-    "split_views",
-    "stage_for_step",
-    "to_pil",
-    "to_tensor",
-    "view_boxes",
-    "write_musar_gen_parquet",
-    "write_subjects200k_parquet",
-]
+from musar.utils.lazy import lazy_exports
+
+_EXPORTS: dict[str, str] = {
+    "Batch": "musar.data.batches",
+    "BatchTransform": "musar.data.batches",
+    "BucketBatcher": "musar.data.batches",
+    "TensorSample": "musar.data.batches",
+    "collate": "musar.data.batches",
+    "make_loader": "musar.data.batches",
+    "to_pil": "musar.data.batches",
+    "to_tensor": "musar.data.batches",
+    "CurriculumConfig": "musar.data.curriculum",
+    "CurriculumStream": "musar.data.curriculum",
+    "batch_kind": "musar.data.curriculum",
+    "stage_for_step": "musar.data.curriculum",
+    "MUSAR_GEN_HUB_ID": "musar.data.musar_gen",
+    "MusarGen": "musar.data.musar_gen",
+    "DIPTYCH_TEMPLATE": "musar.data.samples",
+    "DiptychSampler": "musar.data.samples",
+    "Sample": "musar.data.samples",
+    "another_phrase": "musar.data.samples",
+    "diptych_prompt": "musar.data.samples",
+    "make_diptych": "musar.data.samples",
+    "single_sample": "musar.data.samples",
+    "single_samples": "musar.data.samples",
+    "MUSAR_GEN_FEATURES": "musar.data.schema",
+    "SUBJECTS200K_FEATURES": "musar.data.schema",
+    "load_source": "musar.data.schema",
+    "write_musar_gen_parquet": "musar.data.schema",
+    "write_subjects200k_parquet": "musar.data.schema",
+    "SUBJECTS200K_HUB_ID": "musar.data.subjects200k",
+    "BadRowWarning": "musar.data.subjects200k",
+    "FilterReport": "musar.data.subjects200k",
+    "SubjectPair": "musar.data.subjects200k",
+    "Subjects200K": "musar.data.subjects200k",
+    "split_views": "musar.data.subjects200k",
+    "view_boxes": "musar.data.subjects200k",
+}
+
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports("musar.data", _EXPORTS)

@@ -54,10 +54,6 @@ class CurriculumConfig:
     musar_gen_ratio: float = field(
         default=0.0, metadata={"help": "Share of stage-2/3 diptych batches drawn from MUSAR-Gen, if given."}
     )
-    batches_per_step: int = field(
-        default=1, metadata={"help": "Batches per optimizer step (gradient accumulation) per rank."}
-    )
-    seed: int = field(default=0, metadata={"help": "Base seed of every rank's and worker's stream."})
 
     def __post_init__(self) -> None:
         for name in ("stage1_steps", "stage2_steps", "stage3_steps"):
@@ -66,8 +62,6 @@ class CurriculumConfig:
         for name in ("stage2_diptych_ratio", "musar_gen_ratio"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise MusarError(f"curriculum {name} must be in [0, 1], got {getattr(self, name)}")
-        if self.batches_per_step < 1:
-            raise MusarError(f"curriculum batches_per_step must be >= 1, got {self.batches_per_step}")
 
     @property
     def total_steps(self) -> int:
@@ -119,6 +113,8 @@ class CurriculumStream(torch.utils.data.IterableDataset):
         transform: Callable[[Sample], Any] | None = None,
         num_batches: int | None = None,
         stage: int | None = None,
+        seed: int = 0,
+        batches_per_step: int = 1,
     ) -> None:
         super().__init__()
         if source is None and musar_gen is None:
@@ -127,6 +123,8 @@ class CurriculumStream(torch.utils.data.IterableDataset):
             raise MusarError(f"rank {rank} is not in [0, world_size={world_size})")
         if batch_size < 1:
             raise MusarError(f"batch_size must be >= 1, got {batch_size}")
+        if batches_per_step < 1:
+            raise MusarError(f"batches_per_step must be >= 1, got {batches_per_step}")
         if stage not in (None, 1, 2, 3):
             raise MusarError(f"stage must be 1, 2 or 3, got {stage}")
         self.source = source
@@ -138,16 +136,18 @@ class CurriculumStream(torch.utils.data.IterableDataset):
         self.transform = transform
         self.num_batches = num_batches
         self.stage = stage
+        self.seed = seed
+        self.batches_per_step = batches_per_step
         self.sampler = DiptychSampler(source) if source is not None else None
-        self.position = start_step * self.cfg.batches_per_step  # next batch index of this rank
+        self.position = start_step * batches_per_step  # next batch index of this rank
 
     # -- determinism -------------------------------------------------------------------------------
 
     def rng_for(self, b: int) -> np.random.Generator:
-        return np.random.default_rng([self.cfg.seed, self.rank, self.world_size, b])
+        return np.random.default_rng([self.seed, self.rank, self.world_size, b])
 
     def stage_of(self, b: int) -> int:
-        return self.stage or stage_for_step(b // self.cfg.batches_per_step, self.cfg)
+        return self.stage or stage_for_step(b // self.batches_per_step, self.cfg)
 
     def batch_at(self, b: int) -> list[Sample]:
         """Batch ``b`` of this rank: a pure function of (seed, rank, world_size, b)."""
@@ -206,17 +206,15 @@ class CurriculumStream(torch.utils.data.IterableDataset):
             "batch_size": self.batch_size,
             "rank": self.rank,
             "world_size": self.world_size,
-            "config": asdict(self.cfg),
+            "config": asdict(self.cfg) | {"seed": self.seed, "batches_per_step": self.batches_per_step},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue at ``state["position"]``; refuses a state of a different seed or batch layout."""
         cfg = state.get("config", {})
         for key in ("seed", "batches_per_step"):
-            if key in cfg and cfg[key] != getattr(self.cfg, key):
-                raise MusarError(
-                    f"data state was saved with {key}={cfg[key]}, this run has {getattr(self.cfg, key)}"
-                )
+            if key in cfg and cfg[key] != getattr(self, key):
+                raise MusarError(f"data state was saved with {key}={cfg[key]}, this run has {getattr(self, key)}")
         if state.get("batch_size", self.batch_size) != self.batch_size:
             raise MusarError(
                 f"data state was saved with batch_size={state['batch_size']}, this run has {self.batch_size}"

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import datasets
 import numpy as np
 
+from musar.data.defaults import MUSAR_GEN_HUB_ID
 from musar.data.samples import Sample
 from musar.data.schema import (
     MUSAR_GEN_IMAGE_COLUMNS,
@@ -25,8 +26,6 @@ from musar.data.schema import (
 )
 from musar.data.subjects200k import decode_image, report_bad_rows
 from musar.errors import MusarError
-
-MUSAR_GEN_HUB_ID = "guozinan/MUSAR-Gen"
 
 
 @dataclass

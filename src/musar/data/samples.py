@@ -57,8 +57,8 @@ class Sample:
 
 
 def phrase_in_prompt(phrase: str, prompt: str) -> bool:
-    """Whether the span finder (:mod:`musar.spans`) will locate ``phrase`` in ``prompt``."""
-    from musar.spans import find_phrase_chars  # the training loop's own rule, not a copy of it
+    """Whether the span finder (:mod:`musar.pipelines.spans`) will locate ``phrase`` in ``prompt``."""
+    from musar.pipelines.spans import find_phrase_chars  # the training loop's own rule, not a copy of it
 
     try:
         find_phrase_chars(prompt, [phrase])

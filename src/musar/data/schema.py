@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from musar.errors import MusarError
-from musar.io import atomic_path
+from musar.utils.io import atomic_path
 
 QUALITY_KEYS: tuple[str, ...] = ("compositeStructure", "objectConsistency", "imageQuality")
 # The fields the readers need; the published parquet also carries a bool ``description_valid``.

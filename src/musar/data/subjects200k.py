@@ -27,12 +27,10 @@ from typing import Any
 import datasets
 from PIL import Image
 
+from musar.data.defaults import DEFAULT_PADDING, DEFAULT_QUALITY_THRESHOLD
 from musar.data.schema import DESCRIPTION_KEYS, QUALITY_KEYS, SUBJECTS200K_REQUIRED, column_table, load_source
 from musar.errors import MusarError
 
-SUBJECTS200K_HUB_ID = "Yuanshi/Subjects200K"
-DEFAULT_PADDING = 8
-DEFAULT_QUALITY_THRESHOLD = 5
 _META_COLUMNS = ("collection", "quality_assessment", "description")
 
 

@@ -6,8 +6,7 @@ Names are imported lazily so that registering the ``musar eval`` command does no
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from musar.utils.lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "Case": "musar.eval.protocols",
@@ -27,7 +26,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'musar.eval' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports("musar.eval", _EXPORTS)

@@ -30,7 +30,7 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageOps
 
 from musar.errors import MusarError
-from musar.io import atomic_write, atomic_write_json, atomic_write_text
+from musar.utils.io import atomic_write, atomic_write_json, atomic_write_text
 
 CASES_COLUMNS: tuple[str, ...] = (
     "case_id",

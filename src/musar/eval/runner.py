@@ -27,7 +27,7 @@ from musar.errors import MusarError
 from musar.eval.metrics import Scorer, load_image
 from musar.eval.protocols import DEFAULT_SEEDS, Case
 from musar.eval.report import ImageRow, write_grid, write_report
-from musar.io import atomic_path, atomic_write_json
+from musar.utils.io import atomic_path, atomic_write_json
 
 GenerateFn = Callable[[str, list[tuple[Image.Image, str]], int], Image.Image]
 # Keys that select which images or how they are scored/reported, not what each image looks like.

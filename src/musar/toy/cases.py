@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from musar.pipeline import MusarPipeline
+from musar.pipelines.pipeline_musar import MusarPipeline
 from musar.toy import world
 from musar.toy.world import Identity, Scene
 

@@ -8,9 +8,8 @@
     musar toy ship --out runs/toy           # copy base + full LoRA into the package
     musar toy demo --out outputs/toy_demo   # shipped weights -> composition + verdict
 
-The codec import below is deliberate: diffusers resolves the toy "VAE" class from ``sys.modules``
-when loading a toy folder, and the ``musar`` command imports every subcommand module, so this
-makes ``musar train --config configs/toy_musar.yaml`` work as well.
+Loading a toy folder anywhere (``musar train --config configs/toy_musar.yaml`` too) imports the
+toy codec through the ``musar.components`` entry point (:mod:`musar.pipelines.registry`).
 """
 
 from __future__ import annotations
@@ -18,8 +17,6 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-
-import musar.toy.codec  # noqa: F401  (see the module docstring)
 
 DEFAULT_OUT = "runs/toy"
 
@@ -163,18 +160,3 @@ def run(args: argparse.Namespace) -> int:
         print(f"musar toy all: done in {time.perf_counter() - t0:.0f}s; table in {out / 'report' / 'report.md'}")
     return 0
 
-
-if __name__ == "__main__":  # python -m musar.toy.cli <stage> ... (before `toy` is registered in musar.cli)
-    import sys
-
-    from musar.cli import _Parser
-    from musar.errors import MusarError
-
-    parser = _Parser(prog="musar")
-    add_parser(parser.add_subparsers(dest="command", required=True, parser_class=_Parser))
-    ns = parser.parse_args(["toy", *sys.argv[1:]])
-    try:
-        sys.exit(ns.func(ns))
-    except MusarError as err:
-        print(f"musar toy: error: {err}", file=sys.stderr)
-        sys.exit(2)

@@ -11,9 +11,9 @@ import json
 import time
 from pathlib import Path
 
-from musar.io import atomic_write_json
 from musar.toy.analyser import evaluate
 from musar.toy.cases import Case, generate_case, make_cases
+from musar.utils.io import atomic_write_json
 
 EXAMPLES = Path("examples/toy")
 DEMO_CASE = 4  # a same-shape held-out pair: the case routing exists for
@@ -39,8 +39,8 @@ def run_demo(out: str | Path, seed: int = 0, examples: str | Path = EXAMPLES) ->
     """Generate the demo composition; returns the verdict text (also written to verdict.txt)."""
     from PIL import Image
 
-    from musar.presets import load_pipeline
-    from musar.routing_maps import route_overlay, save_routing_grid
+    from musar.pipelines.presets import load_pipeline
+    from musar.pipelines.routing_maps import route_overlay, save_routing_grid
 
     t0 = time.perf_counter()
     out = Path(out)

@@ -1,7 +1,7 @@
 """The toy base model: FLUX's architecture at ~4M parameters, built offline (issue 8, item 2).
 
 Same component set as FLUX.1 (MMDiT transformer, VAE, CLIP for the pooled vector, T5 for the
-token sequence), so :class:`~musar.pipeline.MusarPipeline`, ``musar train`` and the evaluation code
+token sequence), so :class:`~musar.pipelines.pipeline_musar.MusarPipeline`, ``musar train`` and the evaluation code
 run on it unchanged. What differs is size, the codec (:class:`~musar.toy.codec.ToyCodec`, a small
 learned palette codec) and the tokenizers (one token per word of the world's closed vocabulary).
 The codec, both text encoders and the transformer all start random and are trained in
@@ -23,11 +23,12 @@ from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from musar.data.samples import DIPTYCH_TEMPLATE
 from musar.errors import MusarError
-from musar.pipeline import MusarPipeline
-from musar.tokenizer import word_level_tokenizer
+from musar.models.transformer import MusarTransformer
+from musar.pipelines.pipeline_musar import MusarPipeline
+from musar.pipelines.registry import PresetSpec
 from musar.toy import world
 from musar.toy.codec import ToyCodec
-from musar.transformer import MusarTransformer
+from musar.utils.tokenizer import word_level_tokenizer
 
 # Where the shipped weights live (package data) and what they are called.
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "toy"
@@ -164,3 +165,10 @@ def parameter_counts(pipe: MusarPipeline) -> dict[str, int]:
         name: sum(p.numel() for p in getattr(pipe, name).parameters())
         for name in ("transformer", "text_encoder", "text_encoder_2", "vae")
     }
+
+
+# Registered as the ``toy`` preset through the ``musar.presets`` entry point (pyproject.toml).
+TOY = PresetSpec(
+    "toy", "the miniature world's trained base with the shipped full MUSAR LoRA (docs/toy.md)",
+    lambda with_default_lora: load_toy_pipeline(use_shipped_lora=with_default_lora),
+)

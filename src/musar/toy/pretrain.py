@@ -24,13 +24,13 @@ import numpy as np
 import torch
 
 from musar.data.samples import another_phrase, diptych_prompt
-from musar.pipeline import MusarPipeline
+from musar.models.transformer import latent_image_ids
+from musar.pipelines.pipeline_musar import MusarPipeline
 from musar.toy import world
 from musar.toy.codec import CodecTrainConfig, ToyCodec, train_codec
 from musar.toy.model import build_toy_pipeline, parameter_counts
 from musar.train.config import ObjectiveConfig
 from musar.train.objective import flow_loss, interpolate, sample_timesteps, velocity_target
-from musar.transformer import latent_image_ids
 
 
 @dataclass(frozen=True)

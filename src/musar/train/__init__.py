@@ -11,46 +11,29 @@ or ``accelerate launch --config_file configs/accelerate/ddp.yaml -m musar.cli tr
 several GPUs. See docs/training.md.
 """
 
-from musar.train.config import (
-    CurriculumConfig,
-    DataConfig,
-    LoRAConfig,
-    ModelConfig,
-    ObjectiveConfig,
-    OptimConfig,
-    TrainConfig,
-    ValidationConfig,
-    ValidationPrompt,
-    dump_config,
-    load_config,
-)
-from musar.train.loop import (
-    StepResult,
-    Trainer,
-    TrainingInterrupted,
-    TrainingStopped,
-    TrainResult,
-    TrainState,
-    train,
-)
+from __future__ import annotations
 
-__all__ = [
-    "CurriculumConfig",
-    "DataConfig",
-    "LoRAConfig",
-    "ModelConfig",
-    "ObjectiveConfig",
-    "OptimConfig",
-    "StepResult",
-    "TrainConfig",
-    "TrainResult",
-    "TrainState",
-    "Trainer",
-    "TrainingInterrupted",
-    "TrainingStopped",
-    "ValidationConfig",
-    "ValidationPrompt",
-    "dump_config",
-    "load_config",
-    "train",
-]
+from musar.utils.lazy import lazy_exports
+
+_EXPORTS: dict[str, str] = {
+    "CurriculumConfig": "musar.data.curriculum",
+    "DataConfig": "musar.train.config",
+    "ModelConfig": "musar.train.config",
+    "ObjectiveConfig": "musar.train.config",
+    "OptimConfig": "musar.train.config",
+    "TrainConfig": "musar.train.config",
+    "ValidationConfig": "musar.train.config",
+    "ValidationPrompt": "musar.train.config",
+    "dump_config": "musar.train.config",
+    "load_config": "musar.train.config",
+    "StepResult": "musar.train.loop",
+    "Trainer": "musar.train.loop",
+    "TrainingInterrupted": "musar.train.loop",
+    "TrainingStopped": "musar.train.loop",
+    "TrainResult": "musar.train.loop",
+    "TrainState": "musar.train.loop",
+    "train": "musar.train.loop",
+}
+
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports("musar.train", _EXPORTS)

@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from musar.errors import MusarError
-from musar.io import atomic_write_json
+from musar.utils.io import atomic_write_json
 
 CHECKPOINTS = "checkpoints"
 _NAME = re.compile(r"^step_(\d{8,})$")

@@ -21,11 +21,11 @@ from typing import Any, Literal
 
 import yaml
 
-from musar.data import CurriculumConfig as DataCurriculumConfig
-from musar.data.subjects200k import DEFAULT_PADDING, DEFAULT_QUALITY_THRESHOLD, SUBJECTS200K_HUB_ID
+from musar.data.curriculum import CurriculumConfig
+from musar.data.defaults import DEFAULT_PADDING, DEFAULT_QUALITY_THRESHOLD, SUBJECTS200K_HUB_ID
 from musar.errors import MusarError
-from musar.lora import DEFAULT_TARGETS, BranchLoRAConfig
-from musar.routing import RoutingOptions
+from musar.lora.config import BranchLoRAConfig
+from musar.models.routing import RoutingOptions
 
 # SDPA kernels the training step may use on CUDA. DESIGN sec. 9: SDPA's default choice for these
 # shapes on H100 is cuDNN attention, whose *backward* failed; FlashAttention and the
@@ -36,7 +36,7 @@ AttentionKernel = Literal["flash_efficient", "flash", "efficient", "math", "cudn
 @dataclass
 class ModelConfig:
     pretrained: str = field(default="black-forest-labs/FLUX.1-dev", metadata={"help": "Hub id or local folder of FLUX.1 (diffusers layout)."})
-    preset: str | None = field(default=None, metadata={"help": "'tiny': random toy FLUX built offline (overrides pretrained)."})
+    preset: str | None = field(default=None, metadata={"help": "A registered preset, e.g. 'tiny' (random toy FLUX built offline) or 'toy'; overrides pretrained."})
     dtype: Literal["bf16", "fp16", "fp32"] = field(default="bf16", metadata={"help": "Weights dtype of the frozen base transformer (tiny: always fp32)."})
     encoder_dtype: Literal["bf16", "fp16", "fp32"] = field(default="bf16", metadata={"help": "Weights dtype of the frozen VAE and text encoders (tiny: always fp32)."})
     lora_dtype: Literal["fp32", "bf16"] = field(default="fp32", metadata={"help": "Dtype of the trainable LoRA weights (fp32 = AdamW on full-precision weights)."})
@@ -46,24 +46,6 @@ class ModelConfig:
     device: Literal["auto", "cpu"] = field(default="auto", metadata={"help": "'auto': the GPU(s) accelerate finds, else CPU; 'cpu': CPU even when a GPU is visible."})
     cpu_threads: int | None = field(default=None, metadata={"help": "Intra-op CPU threads when training on CPU (None = torch's default)."})
     condition_timestep: float = field(default=0.0, metadata={"help": "t_cond used to modulate condition tokens (DESIGN sec. 2)."})
-
-
-@dataclass
-class LoRAConfig:
-    noise_rank: int = field(default=4, metadata={"help": "Rank of the LoRA on NOISE rows (paper: 4)."})
-    subject_rank: int = field(default=128, metadata={"help": "Rank of the LoRA on condition rows (paper: 128)."})
-    noise_alpha: float | None = field(default=None, metadata={"help": "Noise-branch alpha; None = rank (scale 1)."})
-    subject_alpha: float | None = field(default=None, metadata={"help": "Subject-branch alpha; None = rank (scale 1)."})
-    targets: list[str] | None = field(default=None, metadata={"help": "Glob patterns of adapted linears; None = DESIGN sec. 5 defaults."})
-    mode: Literal["dual", "shared"] = field(default="dual", metadata={"help": "'dual' (paper) or 'shared' (one LoRA on every row, ablation)."})
-    dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
-
-    def to_branch(self) -> BranchLoRAConfig:
-        return BranchLoRAConfig(
-            noise_rank=self.noise_rank, subject_rank=self.subject_rank, noise_alpha=self.noise_alpha,
-            subject_alpha=self.subject_alpha, targets=tuple(self.targets) if self.targets else DEFAULT_TARGETS,
-            mode=self.mode, dropout=self.dropout,
-        )
 
 
 @dataclass
@@ -81,29 +63,6 @@ class DataConfig:
     phrase_tokens: int = field(default=32, metadata={"help": "T5 tokens per subject phrase (m')."})
     text_cache_size: int = field(default=0, metadata={"help": "Cache this many text embeddings in memory (0 = off; each prompt ~4 MB at FLUX size)."})
     cache_dir: str | None = field(default=None, metadata={"help": "datasets cache folder for hub sources."})
-
-
-@dataclass
-class CurriculumConfig:
-    """Stage lengths and mixes; seed and batches-per-step come from the run (seed, grad_accumulation)."""
-
-    stage1_steps: int = field(default=20000, metadata={"help": "Optimizer steps of stage 1 (single subject)."})
-    stage2_steps: int = field(default=10000, metadata={"help": "Optimizer steps of stage 2 (random-pair diptychs + single)."})
-    stage3_steps: int = field(default=10000, metadata={"help": "Optimizer steps of stage 3 (same-category diptychs)."})
-    stage2_diptych_ratio: float = field(default=0.8, metadata={"help": "Share of stage-2 batches that are diptychs."})
-    stage3_same_category: bool = field(default=True, metadata={"help": "Stage 3 pairs subjects of one category."})
-    musar_gen_ratio: float = field(default=0.0, metadata={"help": "Share of stage-2/3 diptych batches drawn from MUSAR-Gen."})
-
-    def to_data(self, seed: int, batches_per_step: int) -> DataCurriculumConfig:
-        return DataCurriculumConfig(
-            stage1_steps=self.stage1_steps, stage2_steps=self.stage2_steps, stage3_steps=self.stage3_steps,
-            stage2_diptych_ratio=self.stage2_diptych_ratio, stage3_same_category=self.stage3_same_category,
-            musar_gen_ratio=self.musar_gen_ratio, batches_per_step=batches_per_step, seed=seed,
-        )
-
-    @property
-    def total_steps(self) -> int:
-        return self.stage1_steps + self.stage2_steps + self.stage3_steps
 
 
 @dataclass
@@ -162,7 +121,7 @@ class TrainConfig:
     max_nonfinite_in_a_row: int = field(default=10, metadata={"help": "Stop after this many non-finite losses in a row."})
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"], metadata={"help": "Trackers: tensorboard, wandb (optional), none."})
     model: ModelConfig = field(default_factory=ModelConfig)
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    lora: BranchLoRAConfig = field(default_factory=BranchLoRAConfig)
     data: DataConfig = field(default_factory=DataConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -196,16 +155,16 @@ class TrainConfig:
                 raise MusarError(f"config {key} must be a positive multiple of 16, got {size}")
         if self.data.source is None and self.data.musar_gen is None:
             raise MusarError("config data.source and data.musar_gen are both empty: nothing to train on")
-        if self.model.preset is not None and self.model.preset != "tiny":
-            raise MusarError(f"config model.preset: unknown preset {self.model.preset!r}; expected 'tiny'")
+        if self.model.preset is not None:
+            from musar.pipelines.registry import check_preset
+
+            try:
+                check_preset(self.model.preset)
+            except MusarError as e:
+                raise MusarError(f"config model.preset: {e}") from None
         unknown = set(self.report_to) - {"tensorboard", "wandb", "none"}
         if unknown:
             raise MusarError(f"config report_to: unknown tracker(s) {sorted(unknown)}; expected tensorboard, wandb or none")
-        try:
-            self.lora.to_branch()
-            self.curriculum.to_data(self.seed, self.optim.grad_accumulation)
-        except ValueError as e:  # their own validation, reported as a config error
-            raise MusarError(f"config: {e}") from None
         return self
 
 

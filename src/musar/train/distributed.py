@@ -32,7 +32,7 @@ from accelerate.utils import DistributedType, parse_flag_from_env
 from torch import nn
 
 from musar.errors import MusarError
-from musar.lora_io import save_branch_lora
+from musar.lora.io import save_branch_lora
 from musar.train import checkpoint as ckpt
 from musar.train.config import TrainConfig
 

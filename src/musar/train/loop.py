@@ -31,7 +31,6 @@ import torch
 
 from musar.data import Batch
 from musar.errors import MusarError
-from musar.io import atomic_write
 from musar.train import checkpoint as ckpt
 from musar.train.config import TrainConfig, dump_config, to_dict
 from musar.train.distributed import any_across, is_deepspeed, is_fsdp, mean_across
@@ -45,6 +44,7 @@ from musar.train.setup import (
 )
 from musar.train.tracking import Tracker, truncate_metrics
 from musar.train.validation import check_validation, render_validation, write_grid
+from musar.utils.io import atomic_write
 
 
 class TrainingStopped(MusarError):

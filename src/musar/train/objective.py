@@ -15,7 +15,7 @@ Rectified flow exactly as FLUX is trained:
 
 Encoding (VAE, both text encoders) runs frozen under ``no_grad``. Target latents are *sampled*
 from the VAE posterior (with the step's generator, so resuming is exact); references use the
-posterior mode, exactly as :func:`musar.conditions.encode_references` does at inference.
+posterior mode, exactly as :func:`musar.pipelines.conditions.encode_references` does at inference.
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from musar.data import Batch
 from musar.errors import MusarError
-from musar.routing import RoutingOptions
-from musar.spans import find_subject_spans, spans_tensor
+from musar.models.routing import RoutingOptions
+from musar.models.transformer import ConditionInputs, condition_image_ids, latent_image_ids
+from musar.pipelines.spans import find_subject_spans, spans_tensor
 from musar.train.config import ObjectiveConfig
-from musar.transformer import ConditionInputs, condition_image_ids, latent_image_ids
 
 # -- timesteps and the flow ----------------------------------------------------------------------
 

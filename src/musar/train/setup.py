@@ -28,13 +28,13 @@ from torch import nn
 from musar.data import BatchTransform, CurriculumStream, MusarGen, Subjects200K, make_loader
 from musar.errors import MusarError
 from musar.lora import BranchLoRALinear, inject_branch_lora, lora_named_parameters
-from musar.lora_io import load_branch_lora
+from musar.lora.io import load_branch_lora
 from musar.train import checkpoint as ckpt
 from musar.train.config import OptimConfig, TrainConfig
 from musar.train.distributed import load_optimizer, make_accelerator, save_lora, save_optimizer
 from musar.train.objective import TextCache
+from musar.utils.dtypes import torch_dtype
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CHECKPOINT_FORMAT = 1
 
 _BRANCHES_USED = {"image": {"noise", "subject"}, "text": {"subject"}, "joint": {"noise", "subject"}}
@@ -78,15 +78,16 @@ def lr_lambda(optim: OptimConfig, total_steps: int) -> Callable[[int], float]:
 
 def build_pipeline(cfg: TrainConfig) -> tuple[Any, torch.dtype]:
     """The frozen FLUX pipeline (tiny preset or pretrained) and its compute dtype."""
-    if cfg.model.preset == "tiny":
-        from musar.presets import tiny_pipeline
+    if cfg.model.preset is not None:
+        from musar.pipelines.registry import get_preset
 
-        return tiny_pipeline(), torch.float32  # the same base load_pipeline(preset='tiny') builds
-    from musar.pipeline import MusarPipeline
+        # the same base load_pipeline(preset=...) builds, without its default LoRA; fp32 on CPU
+        return get_preset(cfg.model.preset).build(False), torch.float32
+    from musar.pipelines.pipeline_musar import MusarPipeline
 
-    dtype = DTYPES[cfg.model.dtype]
-    pipe = MusarPipeline.from_pretrained(cfg.model.pretrained, torch_dtype=dtype)
-    encoder_dtype = DTYPES[cfg.model.encoder_dtype]
+    dtype = torch_dtype(cfg.model.dtype)
+    pipe = MusarPipeline.from_pretrained(cfg.model.pretrained, dtype=dtype)
+    encoder_dtype = torch_dtype(cfg.model.encoder_dtype)
     for encoder in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         encoder.to(dtype=encoder_dtype)
     return pipe, dtype
@@ -135,8 +136,8 @@ def build_data(cfg: TrainConfig, acc: Accelerator) -> tuple[CurriculumStream, to
                                        collections=d.collections, limit=d.limit, cache_dir=d.cache_dir)
         musar_gen = MusarGen.open(d.musar_gen, limit=d.limit, cache_dir=d.cache_dir) if d.musar_gen else None
     stream = CurriculumStream(
-        source, cfg.curriculum.to_data(cfg.seed, cfg.optim.grad_accumulation), batch_size=cfg.optim.batch_size,
-        rank=acc.process_index, world_size=acc.num_processes, musar_gen=musar_gen,
+        source, cfg.curriculum, batch_size=cfg.optim.batch_size, rank=acc.process_index,
+        world_size=acc.num_processes, musar_gen=musar_gen, seed=cfg.seed, batches_per_step=cfg.optim.grad_accumulation,
     )
     loader = make_loader(stream, transform=BatchTransform(view_size=d.view_size, condition_size=d.condition_size),
                          num_workers=d.num_workers, pin_memory=acc.device.type == "cuda")
@@ -154,9 +155,9 @@ def build_components(cfg: TrainConfig, resume_dir: Path | None = None) -> Compon
         frozen.requires_grad_(False)
         frozen.eval()
     transformer = pipe.transformer
-    inject_branch_lora(transformer, cfg.lora.to_branch())
+    inject_branch_lora(transformer, cfg.lora)
     for _, p in lora_named_parameters(transformer):
-        p.data = p.data.to(DTYPES[cfg.model.lora_dtype])
+        p.data = p.data.to(torch_dtype(cfg.model.lora_dtype))
     if resume_dir is not None:  # into the plain model, before any wrapper shards it
         load_branch_lora(transformer, resume_dir / "lora.safetensors")
     pipe.to(acc.device)

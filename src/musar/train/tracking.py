@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from musar.io import atomic_write_text
+from musar.utils.io import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 

@@ -1,6 +1,6 @@
 """Validation grids: the current LoRA rendered on fixed prompts and subjects.
 
-Generation goes through the training run's own :class:`~musar.pipeline.MusarPipeline`, whose
+Generation goes through the training run's own :class:`~musar.pipelines.pipeline_musar.MusarPipeline`, whose
 transformer *is* the model being trained, so the grid shows exactly the current LoRA without a
 save/reload round trip. Each row is ``[reference 1, ..., reference c, generated image]``; the same
 seed is used every time, so grids of successive steps are directly comparable. The grid PNG and a
@@ -17,9 +17,9 @@ import torch
 from PIL import Image
 
 from musar.errors import MusarError
-from musar.io import atomic_path, atomic_write_json
 from musar.train.config import ValidationConfig
 from musar.train.objective import quiet_truncation
+from musar.utils.io import atomic_path, atomic_write_json
 
 
 def check_validation(cfg: ValidationConfig) -> None:

@@ -16,8 +16,8 @@ from typing import Any
 
 from PIL import Image
 
-from musar.io import atomic_path, atomic_write_json, check_writable
 from musar.ui.logic import ModelSource, Record, Request, cli_command
+from musar.utils.io import atomic_path, atomic_write_json, check_writable
 
 NO_MAPS_NOTE = "No routing maps: dynamic routing only acts with 2+ subjects and dynamic routing on."
 
@@ -58,7 +58,7 @@ class Studio:
     def _generate(self, request: Request, folder: Path, status: Callable[[str], None] | None) -> Record:
         import torch
 
-        from musar.routing_maps import route_overlay, save_routing_grid
+        from musar.pipelines.routing_maps import route_overlay, save_routing_grid
 
         refs = []
         for k, (image, phrase) in enumerate(request.subjects, 1):

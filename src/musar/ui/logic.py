@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from musar.cli.generate import add_parser as add_generate_parser
 from musar.errors import MusarError
-from musar.generate_cli import add_parser as add_generate_parser
 
 
 def _generate_option(dest: str) -> tuple[tuple[str, ...], Any]:
@@ -120,7 +120,7 @@ def _check(problems: list[Problem], check: Any, *args: Any, subject: int | None 
 def _check_numbers(
     height: Any, width: Any, steps: Any, guidance: Any, seed: Any, condition_size: Any, problems: list[Problem]
 ) -> tuple[int | None, int | None, int | None, float | None, int | None, int | None]:
-    from musar.checks import MIN_SIZE, check_size
+    from musar.utils.checks import MIN_SIZE, check_size
 
     h, w = _whole(height, "height", problems), _whole(width, "width", problems)
     # check_size stops at the first bad side; pairing each side with a valid one reports both.
@@ -149,8 +149,8 @@ def _check_numbers(
 
 
 def _check_subjects(prompt: str, rows: Sequence[tuple[str | None, str | None]], problems: list[Problem]) -> list[tuple[str, str]]:
-    from musar.images import load_reference
-    from musar.spans import find_phrase_chars
+    from musar.pipelines.spans import find_phrase_chars
+    from musar.utils.images import load_reference
 
     subjects: list[tuple[str, str]] = []
     matched: list[str] = []

@@ -1,9 +1,9 @@
-"""``musar bench``: MUSAR's forward and attention speed against plain FLUX, in one run.
+"""The ``musar bench`` run: MUSAR's forward and attention speed against plain FLUX, in one run.
 
 Per number of references c: plain diffusers ``FluxTransformer2DModel`` (c = 0, the baseline),
 naive concatenation without a mask, MUSAR with each attention backend, MUSAR with dynamic
 routing off (to isolate its overhead), with ``independent_conditions`` and with the condition
-K/V cache; then an attention-only microbenchmark (:mod:`musar.bench_attention`). Speed does not
+K/V cache; then an attention-only microbenchmark (:mod:`musar.bench.attention`). Speed does not
 depend on trained weights, so ``flux-dev-random`` is the FLUX.1-dev architecture with random
 weights made on the device; ``tiny`` is a seconds-long CPU smoke test. bench/README.md says
 what every field means.
@@ -16,125 +16,23 @@ import platform
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from musar.bench.settings import SCHEMA, Settings, settings_from_args
 from musar.errors import MusarError
-from musar.io import atomic_write_json, check_writable
-
-SCHEMA = "musar.bench/1"
-MODES = ("plain", "naive", "reference", "fast", "flex", "static_only", "independent", "cached")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from musar.utils.io import atomic_write_json, check_writable
 
 
-@dataclass(frozen=True)
-class BenchPreset:
-    config: dict[str, Any]
-    dtype: str
-    device: str
-    height: int
-    width: int
-    cond_size: int
-    prompt_len: int
-    phrase_len: int
-    refs: tuple[int, ...]
-    repeats: int
-    warmup: int
-
-
-FLUX_DEV_CONFIG: dict[str, Any] = {
-    "patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
-    "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768,
-    "guidance_embeds": True, "axes_dims_rope": (16, 56, 56),
-}
-TINY_CONFIG: dict[str, Any] = {
-    "patch_size": 1, "in_channels": 16, "num_layers": 2, "num_single_layers": 2, "attention_head_dim": 16,
-    "num_attention_heads": 2, "joint_attention_dim": 32, "pooled_projection_dim": 16,
-    "guidance_embeds": True, "axes_dims_rope": (4, 6, 6),
-}
-PRESETS: dict[str, BenchPreset] = {
-    "flux-dev-random": BenchPreset(FLUX_DEV_CONFIG, "bf16", "cuda", 1024, 1024, 512, 512, 32, (0, 1, 2, 3, 4), 10, 3),
-    "tiny": BenchPreset(TINY_CONFIG, "fp32", "cpu", 128, 128, 64, 16, 4, (0, 1, 2), 3, 1),
-}
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="time MUSAR's forward and routed attention against plain FLUX")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="model (default: flux-dev-random with CUDA, else tiny)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: the preset's)")
-    p.add_argument("--refs", type=int, nargs="+", default=None, help="numbers of references c to run (0 = plain FLUX)")
-    p.add_argument("--height", type=int, default=None, help="output height in pixels (16 px per token)")
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--cond-size", type=int, default=None, help="square reference size in pixels")
-    p.add_argument("--prompt-len", type=int, default=None, help="main prompt tokens (FLUX: 512)")
-    p.add_argument("--phrase-len", type=int, default=None, help="tokens per subject phrase (default 32)")
-    p.add_argument("--repeats", "--steps", type=int, default=None, help="timed calls per measurement (median reported)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed calls first (compilation, autotuning)")
-    p.add_argument("--modes", nargs="+", choices=MODES, default=None, help="forward modes (default: all; flex only on CUDA)")
-    p.add_argument("--sdpa", choices=["default", "flash", "efficient", "cudnn", "math"], default="default",
-                   help="force one SDPA kernel for the forward benchmarks")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
-    p.add_argument("--no-attention", action="store_true", help="skip the attention microbenchmark")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="results JSON (written atomically)")
-    p.set_defaults(func=run)
-
-
-@dataclass
-class Settings:
-    preset: str
-    device: torch.device
-    dtype: torch.dtype
-    refs: list[int]
-    height: int
-    width: int
-    cond_size: int
-    prompt_len: int
-    phrase_len: int
-    repeats: int
-    warmup: int
-    modes: list[str]
-    sdpa: str
-    attention: bool
-    seed: int
-    config: dict[str, Any] = field(default_factory=dict)
-
-
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    name = args.preset or ("flux-dev-random" if torch.cuda.is_available() else "tiny")
-    pre = PRESETS[name]
-    device = torch.device(args.device or (pre.device if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MusarError("--device cuda, but this machine has no CUDA GPU")
-    if name == "flux-dev-random" and device.type != "cuda":
-        raise MusarError("the flux-dev-random preset (12B parameters) needs --device cuda; use --preset tiny on CPU")
-    s = Settings(
-        name, device, DTYPES[args.dtype or pre.dtype], sorted(set(args.refs if args.refs is not None else pre.refs)),
-        args.height or pre.height, args.width or pre.width, args.cond_size or pre.cond_size,
-        args.prompt_len or pre.prompt_len, args.phrase_len or pre.phrase_len,
-        args.repeats or pre.repeats, pre.warmup if args.warmup is None else args.warmup,
-        list(args.modes or [m for m in MODES if m != "flex" or device.type == "cuda"]),
-        args.sdpa, not args.no_attention, args.seed, dict(pre.config),
-    )
-    if min(s.refs) < 0 or s.repeats < 1 or s.warmup < 0:
-        raise MusarError("--refs must be >= 0, --repeats >= 1 and --warmup >= 0")
-    for what, px in (("--height", s.height), ("--width", s.width), ("--cond-size", s.cond_size)):
-        if px < 16 or px % 16:
-            raise MusarError(f"{what} must be a positive multiple of 16 (one token = 16x16 pixels), got {px}")
-    return s
-
-
-def run(args: argparse.Namespace) -> int:
+def run_bench(args: argparse.Namespace) -> int:
     out = check_writable(args.out)
     s = settings_from_args(args)
     if args.threads is not None:
         if args.threads < 1:
             raise MusarError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    from musar.bench_forward import forward_bench
+    from musar.bench.forward import forward_bench
 
     t0 = time.perf_counter()
     result: dict[str, Any] = {"schema": SCHEMA, "meta": _meta(s, args)}
@@ -154,7 +52,7 @@ def _sdpa_context(name: str) -> Any:
         return nullcontext()
     from torch.nn.attention import sdpa_kernel
 
-    from musar.bench_attention import SDPA_KERNELS
+    from musar.bench.attention import SDPA_KERNELS
 
     return sdpa_kernel(SDPA_KERNELS[name])
 
@@ -162,7 +60,7 @@ def _sdpa_context(name: str) -> Any:
 def _meta(s: Settings, args: argparse.Namespace) -> dict[str, Any]:
     import diffusers
 
-    from musar.routing import resolve_backend
+    from musar.models.routing import resolve_backend
 
     dev = torch.cuda.get_device_name(s.device) if s.device.type == "cuda" else _cpu_name()
     n, nc = (s.height // 16) * (s.width // 16), (s.cond_size // 16) ** 2
@@ -190,8 +88,8 @@ def _cpu_name() -> str:
 
 
 def _attention(s: Settings) -> list[dict[str, Any]]:
-    from musar.bench_attention import attention_bench
-    from musar.layout import TokenLayout
+    from musar.bench.attention import attention_bench
+    from musar.models.layout import TokenLayout
 
     n, nc = (s.height // 16) * (s.width // 16), (s.cond_size // 16) ** 2
     backends = [b for b in ("reference", "fast", "flex") if b in s.modes]
@@ -269,19 +167,3 @@ def format_tables(result: dict[str, Any]) -> str:
     if "note" in result["targets"]:
         lines.append(result["targets"]["note"])
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m musar.bench ...``: the same command without the ``musar`` entry point."""
-    parser = argparse.ArgumentParser(prog="musar")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return int(args.func(args) or 0)
-    except MusarError as e:
-        print(f"musar bench: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

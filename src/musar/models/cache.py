@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from musar.layout import TokenLayout
-from musar.routing import RoutingOptions
+from musar.models.layout import TokenLayout
+from musar.models.routing import RoutingOptions
 
 
 @dataclass

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from musar.transformer import condition_image_ids
+from musar.models.transformer import condition_image_ids
 
 
 @dataclass

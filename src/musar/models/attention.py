@@ -5,7 +5,7 @@ It computes q/k/v with the module's own projections, RMSNorms and diffusers' RoP
 them to :class:`LayerRouting`, which
 
 1. derives each NOISE query's route from the *same* q/k (dynamic routing, DESIGN sec. 4), as
-   one fused attention call (:func:`~musar.routing.subject_affinity_fused`), and
+   one fused attention call (:func:`~musar.models.routing.subject_affinity_fused`), and
 2. runs the attention under the routing rules with one of the backends:
 
 * ``reference`` — a dense boolean (B, H|1, L, L) mask into SDPA. Obviously correct, slow.
@@ -13,12 +13,12 @@ them to :class:`LayerRouting`, which
   condition, and NOISE queries bucketed by route), and each group runs one *unmasked* SDPA over
   exactly the keys it may see. Work is proportional to the unmasked blocks.
 * ``flex`` — one FlexAttention call with a block mask built from the layout and routes
-  (:mod:`musar.flex`).
-* ``auto`` — flex on CUDA, fast elsewhere (:func:`~musar.routing.resolve_backend`).
+  (:mod:`musar.models.flex`).
+* ``auto`` — flex on CUDA, fast elsewhere (:func:`~musar.models.routing.resolve_backend`).
 
-With a condition cache (:mod:`musar.cache`) the same code serves the cached forward: its q
+With a condition cache (:mod:`musar.models.cache`) the same code serves the cached forward: its q
 holds only [PROMPT, NOISE] rows and its k/v get the cached condition keys appended; a
-:class:`~musar.routing.SegmentMap` per tensor tells every backend where each group sits.
+:class:`~musar.models.routing.SegmentMap` per tensor tells every backend where each group sits.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 
-from musar.layout import TokenLayout
-from musar.routing import (
+from musar.models.layout import TokenLayout
+from musar.models.routing import (
     RoutingOptions,
     SegmentMap,
     routed_mask,
@@ -42,7 +42,7 @@ from musar.routing import (
 )
 
 if TYPE_CHECKING:
-    from musar.cache import ConditionCache
+    from musar.models.cache import ConditionCache
 
 
 @dataclass
@@ -141,7 +141,7 @@ class LayerRouting:
                 mask = mask[..., k_map.layout_positions(layout).to(q.device)]
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         if backend == "flex":
-            from musar.flex import flex_routed_attention, flex_statics
+            from musar.models.flex import flex_routed_attention, flex_statics
 
             key = ("flex", q.device)
             if key not in ctx.memo:

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from musar.attention import RoutingContext
-from musar.flex import block_stats, flex_plan, flex_statics
-from musar.layout import TokenLayout
-from musar.routing import RoutingOptions, SegmentMap, resolve_backend
+from musar.models.attention import RoutingContext
+from musar.models.flex import block_stats, flex_plan, flex_statics
+from musar.models.layout import TokenLayout
+from musar.models.routing import RoutingOptions, SegmentMap, resolve_backend
 
 SDPA_KERNELS: dict[str, SDPBackend] = {
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -117,7 +117,7 @@ def attention_bench(
 
             measure(f"sdpa_{name}", unmasked)
         if device.type == "cuda":
-            from musar.flex import _flex_kernel
+            from musar.models.flex import _flex_kernel
 
             measure("flex_unmasked", lambda: _flex_kernel(device)(q, k, v))
 
@@ -162,8 +162,8 @@ def _measure_cached(
     measure: Callable[[str, Callable[[], Any]], None],
 ) -> None:
     """The attention of a cached forward: [PROMPT, NOISE] queries, main + cached condition keys."""
-    from musar.attention import fast_routed_attention
-    from musar.flex import flex_routed_attention
+    from musar.models.attention import fast_routed_attention
+    from musar.models.flex import flex_routed_attention
 
     q_map, k_map = SegmentMap.main_rows(layout), SegmentMap.cached_keys(layout)
     q_main = q[:, :, q_map.layout_positions(layout).to(q.device)]

@@ -1,7 +1,7 @@
 """``musar ui``: serve the Gradio app on this machine (127.0.0.1 unless ``--host`` says otherwise).
 
 Cheap checks (Gradio installed, port free, output folder writable) run before the model load, so
-a typo costs a second, not a FLUX load. Also runnable as ``python -m musar.ui.cli [options]``.
+a typo costs a second, not a FLUX load. Also runnable as ``python -m musar.cli ui [options]``.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import argparse
 import errno
 import socket
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 from musar.errors import MusarError
@@ -56,12 +55,12 @@ def run(args: argparse.Namespace) -> int:
         import gradio  # noqa: F401  (checked here so the message names the fix)
     except ImportError:
         raise MusarError("the UI needs Gradio: pip install 'musar[ui]'") from None
-    from musar.io import check_writable
+    from musar.utils.io import check_writable
 
     check_port(args.host, args.port)
     check_writable(Path(args.out_dir) / "params.json")
 
-    from musar.presets import load_pipeline
+    from musar.pipelines.presets import load_pipeline
     from musar.ui.app import launch
     from musar.ui.backend import Studio
     from musar.ui.logic import ModelSource
@@ -77,20 +76,3 @@ def run(args: argparse.Namespace) -> int:
     launch(studio, host=args.host, port=args.port, share=args.share)
     return 0
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m musar.ui.cli``: the same options as ``musar ui``, without the top-level CLI."""
-    parser = argparse.ArgumentParser(prog="musar")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["ui", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return int(args.func(args) or 0)
-    except MusarError as e:
-        print(f"musar ui: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from musar.errors import MusarError
-from musar.io import atomic_path, atomic_write_json, check_writable
+from musar.utils.io import atomic_path, atomic_write_json, check_writable
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -47,7 +47,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _validate(args: argparse.Namespace) -> Path:
-    from musar.checks import check_size, check_steps
+    from musar.utils.checks import check_size, check_steps
 
     out = Path(args.out)
     if out.suffix.lower() != ".png":
@@ -62,8 +62,8 @@ def _validate(args: argparse.Namespace) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     out = _validate(args)
-    from musar.images import load_reference
-    from musar.spans import find_phrase_chars
+    from musar.pipelines.spans import find_phrase_chars
+    from musar.utils.images import load_reference
 
     # Cheap checks before the (slow) model load: files and phrases.
     for image, _ in args.subject:
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from musar.presets import load_pipeline
+    from musar.pipelines.presets import load_pipeline
 
     t0 = time.perf_counter()
     if args.preset:
@@ -135,7 +135,7 @@ def _sidecar(args: argparse.Namespace, pipe: Any, timings: dict[str, float]) -> 
 
 
 def _write_routing_maps(folder: Path, result: Any, image: Any, phrases: list[str]) -> None:
-    from musar.routing_maps import route_overlay, save_routing_grid
+    from musar.pipelines.routing_maps import route_overlay, save_routing_grid
 
     if result.routing is None or not result.routing.steps:
         print("musar: no routing maps: dynamic routing only acts with 2+ subjects and routing on", file=sys.stderr)

@@ -13,17 +13,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from musar.checks import positive_int
-from musar.data.musar_gen import MusarGen
-from musar.data.preview import open_source, preview_samples, write_preview
-from musar.data.subjects200k import (
-    DEFAULT_PADDING,
-    DEFAULT_QUALITY_THRESHOLD,
-    SUBJECTS200K_HUB_ID,
-    BadRowWarning,
-)
+from musar.data.defaults import DEFAULT_PADDING, DEFAULT_QUALITY_THRESHOLD, SUBJECTS200K_HUB_ID
 from musar.errors import MusarError
-from musar.io import check_writable
+from musar.utils.checks import positive_int
+from musar.utils.io import check_writable
 
 HUB_PREVIEW_LIMIT = 1000
 
@@ -80,6 +73,8 @@ def _is_local(source: str) -> bool:
 def _open(args: argparse.Namespace, limit: int | None) -> Any:
     if args.padding < 0:
         raise MusarError(f"--padding must be >= 0, got {args.padding}")
+    from musar.data.preview import open_source
+
     return open_source(
         args.source,
         limit=limit,
@@ -93,6 +88,9 @@ def run_preview(args: argparse.Namespace) -> int:
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise MusarError(f"--out is a file, not a folder: {args.out}")
     check_writable(f"{args.out}/contact_sheet.png")  # fail before reading any data
+    from musar.data.preview import preview_samples, write_preview
+    from musar.data.subjects200k import BadRowWarning
+
     limit = args.limit if args.limit is not None or _is_local(args.source) else HUB_PREVIEW_LIMIT
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", BadRowWarning)
@@ -106,6 +104,9 @@ def run_preview(args: argparse.Namespace) -> int:
 
 
 def run_stats(args: argparse.Namespace) -> int:
+    from musar.data.musar_gen import MusarGen
+    from musar.data.subjects200k import BadRowWarning
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", BadRowWarning)
         source = _open(args, args.limit)

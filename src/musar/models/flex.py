@@ -2,7 +2,7 @@
 
 The mask is never evaluated element by element to find the blocks (``create_block_mask``
 costs 20 ms eager, DESIGN sec. 9). Routing depends on a token only through its *class*
-(:func:`musar.routing.class_tables`), so
+(:func:`musar.models.routing.class_tables`), so
 
 1. every query row gets a class (NOISE rows: one class per route) and the queries are sorted
    by class. PROMPT, NOISE routed to condition 0, NOISE routed to 1, ..., COND 0, COND 1, ...
@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from musar.layout import TokenLayout
-from musar.routing import SegmentMap, class_tables
+from musar.models.layout import TokenLayout
+from musar.models.routing import SegmentMap, class_tables
 
 BLOCK_SIZE = 128  # FlexAttention's default sparse block; its GPU kernels tile inside it
 

@@ -11,13 +11,13 @@ from diffusers import FluxTransformer2DModel
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 from torch import nn
 
-from musar.attention import RouteRecord
-from musar.bench_attention import default_spans, time_call
-from musar.routing import RoutingOptions
-from musar.transformer import ConditionInputs, MusarTransformer, condition_image_ids, latent_image_ids
+from musar.bench.attention import default_spans, time_call
+from musar.models.attention import RouteRecord
+from musar.models.routing import RoutingOptions
+from musar.models.transformer import ConditionInputs, MusarTransformer, condition_image_ids, latent_image_ids
 
 if TYPE_CHECKING:
-    from musar.bench import Settings
+    from musar.bench.settings import Settings
 
 
 def build_random_model(config: dict[str, Any], device: torch.device, dtype: torch.dtype, seed: int) -> MusarTransformer:

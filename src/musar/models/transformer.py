@@ -4,15 +4,15 @@ It *is* a diffusers ``FluxTransformer2DModel`` (same modules, same config, same
 ``from_pretrained`` / ``save_pretrained``), with one new forward that
 
 * appends each condition's image latents to the image stream and its phrase embedding to the
-  text stream (layout in :mod:`musar.layout`),
+  text stream (layout in :mod:`musar.models.layout`),
 * modulates condition rows with ``temb(t_cond)`` (t_cond = 0 by default),
 * gives condition tokens their own position ids (:func:`condition_image_ids`),
-* threads a :class:`~musar.attention.RoutingContext` through every block's attention.
+* threads a :class:`~musar.models.attention.RoutingContext` through every block's attention.
 
 With no conditions it computes exactly what ``FluxTransformer2DModel.forward`` computes. With
 ``independent_conditions`` the condition rows can be computed once per image
 (:meth:`MusarTransformer.build_condition_cache`) and every step then runs only the PROMPT and
-NOISE rows (``forward(..., condition_cache=cache)``), see :mod:`musar.cache`.
+NOISE rows (``forward(..., condition_cache=cache)``), see :mod:`musar.models.cache`.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
 from torch.utils.checkpoint import checkpoint
 
-from musar.attention import MusarAttnProcessor, RouteRecord, RoutingContext
-from musar.blocks import double_block_forward, single_block_forward
-from musar.cache import ConditionCache
-from musar.layout import TokenLayout
-from musar.routing import RoutingOptions
+from musar.models.attention import MusarAttnProcessor, RouteRecord, RoutingContext
+from musar.models.blocks import double_block_forward, single_block_forward
+from musar.models.cache import ConditionCache
+from musar.models.layout import TokenLayout
+from musar.models.routing import RoutingOptions
 
 
 @dataclass
@@ -78,7 +78,7 @@ class MusarTransformer(FluxTransformer2DModel):
     """FLUX.1 transformer with MUSAR's routed multi-subject conditioning."""
 
     # No __init__ override: diffusers reads the config keys from FluxTransformer2DModel's signature.
-    lora_config = None  # set by musar.lora.inject_branch_lora
+    lora_config = None  # set by musar.lora.layer.inject_branch_lora
     lora_plan = None
 
     def use_musar_attention(self) -> None:

@@ -1,6 +1,6 @@
 """Routing maps: what dynamic routing decided, per step, as pictures (paper Fig. 5).
 
-:class:`RoutingRecorder` is the ``capture`` callback of :class:`~musar.transformer.MusarTransformer`.
+:class:`RoutingRecorder` is the ``capture`` callback of :class:`~musar.models.transformer.MusarTransformer`.
 It keeps, per denoising step, S* averaged over heads and layers; the routes shown are the argmax
 of that average. :func:`save_routing_grid` draws rows = conditions, columns = steps;
 :func:`route_overlay` colours the final routes over the generated image.
@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from musar.attention import RouteRecord
-from musar.io import atomic_path
+from musar.models.attention import RouteRecord
+from musar.utils.io import atomic_path
 
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60)]
 

@@ -16,8 +16,8 @@ import torch
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 from torch import nn
 
-from musar.attention import LayerRouting
-from musar.layout import TokenLayout
+from musar.models.attention import LayerRouting
+from musar.models.layout import TokenLayout
 
 
 def modulate(

@@ -8,7 +8,6 @@ branch LoRA.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import time
@@ -22,16 +21,17 @@ import torch
 from diffusers.pipelines.flux.pipeline_flux import FluxPipeline, calculate_shift, retrieve_timesteps
 from PIL import Image
 
-from musar.checks import check_size, check_steps
-from musar.conditions import encode_references
 from musar.errors import MusarError
-from musar.images import Fit, load_reference
-from musar.io import atomic_write_json
-from musar.lora_io import file_sha256, load_branch_lora
-from musar.routing import RoutingOptions
-from musar.routing_maps import RoutingRecorder
-from musar.spans import find_subject_spans, spans_tensor
-from musar.transformer import ConditionInputs, MusarTransformer
+from musar.lora.io import file_sha256, load_branch_lora
+from musar.models.routing import RoutingOptions
+from musar.models.transformer import ConditionInputs, MusarTransformer
+from musar.pipelines.conditions import encode_references
+from musar.pipelines.registry import import_registered_components
+from musar.pipelines.routing_maps import RoutingRecorder
+from musar.pipelines.spans import find_subject_spans, spans_tensor
+from musar.utils.checks import check_size, check_steps
+from musar.utils.images import Fit, load_reference
+from musar.utils.io import atomic_write_json
 
 DEFAULT_MODEL = "black-forest-labs/FLUX.1-dev"
 
@@ -46,24 +46,6 @@ class MusarPipelineOutput:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _import_own_components(folder: str | os.PathLike[str]) -> None:
-    """Import musar modules named in a local folder's model_index.json (e.g. the toy codec).
-
-    diffusers resolves a component class from its module only once that module is imported.
-    Only modules of this package are imported: a folder cannot make us run foreign code.
-    """
-    index = Path(folder) / "model_index.json"
-    if not index.is_file():
-        return
-    try:
-        entries = json.loads(index.read_text()).values()
-    except (OSError, ValueError):
-        return  # diffusers reports a broken index itself
-    for entry in entries:
-        if isinstance(entry, list) and entry and isinstance(entry[0], str) and entry[0].startswith("musar."):
-            importlib.import_module(entry[0])
-
-
 class MusarPipeline(FluxPipeline):
     """FLUX.1 with MUSAR multi-subject conditioning. See ``__call__``."""
 
@@ -73,11 +55,20 @@ class MusarPipeline(FluxPipeline):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, **kwargs: Any) -> MusarPipeline:
         """Load FLUX components from a hub id or a local folder; the transformer as MusarTransformer."""
-        _import_own_components(pretrained_model_name_or_path)
+        import_registered_components(pretrained_model_name_or_path)
+        # diffusers' current keyword is `dtype` (`torch_dtype` is deprecated); accept both and hand
+        # the same one to every component, the MUSAR transformer included.
+        torch_dtype = kwargs.pop("torch_dtype", None)
+        dtype = kwargs.pop("dtype", None)
+        if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+            raise MusarError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; pass only dtype")
+        dtype = dtype if dtype is not None else torch_dtype
+        if dtype is not None:
+            kwargs["dtype"] = dtype
         try:
             if "transformer" not in kwargs:
                 kwargs["transformer"] = MusarTransformer.from_pretrained(
-                    pretrained_model_name_or_path, subfolder="transformer", torch_dtype=kwargs.get("torch_dtype")
+                    pretrained_model_name_or_path, subfolder="transformer", **({"dtype": dtype} if dtype else {})
                 )
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         except (OSError, ValueError) as e:

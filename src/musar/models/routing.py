@@ -2,7 +2,7 @@
 
 Static routing is a property of the layout alone; dynamic routing adds, for each NOISE query,
 the one condition it may see (its *route*). Everything here takes tensors and a
-:class:`~musar.layout.TokenLayout` and returns tensors: no modules, no state. The dense masks
+:class:`~musar.models.layout.TokenLayout` and returns tensors: no modules, no state. The dense masks
 built here are the *reference* semantics; the fast attention path never builds them.
 
 Mask convention: ``True`` = the query row may attend to the key column.
@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from musar.layout import Kind, TokenLayout
+from musar.models.layout import Kind, TokenLayout
 
 Backend = Literal["auto", "fast", "flex", "reference"]
 BACKENDS: tuple[str, ...] = ("auto", "fast", "flex", "reference")

@@ -21,8 +21,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from musar.errors import MusarError
-from musar.io import atomic_path
 from musar.lora import BranchLoRAConfig, inject_branch_lora, lora_named_parameters, remove_branch_lora
+from musar.utils.io import atomic_path
 
 FORMAT = "musar-branch-lora"
 FORMAT_VERSION = "1"

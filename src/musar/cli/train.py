@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import signal
 import sys
 
-from musar.checks import positive_int
-from musar.errors import MusarError
+from musar.utils.checks import positive_int
 
 EXIT_STOPPED = 3
 
@@ -70,17 +68,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"checkpoint: {result.checkpoint}")
     return 0
 
-
-if __name__ == "__main__":  # python -m musar.train.cli ... (accelerate launch -m musar.train.cli ...)
-    from musar.cli import _Parser
-
-    parser = _Parser(prog="musar")
-    add_parser(parser.add_subparsers(dest="command", required=True, parser_class=_Parser))
-    ns = parser.parse_args()
-    try:
-        sys.exit(ns.func(ns))
-    except MusarError as err:
-        print(f"musar train: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(128 + signal.SIGINT)

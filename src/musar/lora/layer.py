@@ -8,7 +8,7 @@ multiplying with zeros over the whole sequence.
 Which rows a linear layer sees depends on where diffusers calls it: image-stream layers see
 ``[NOISE | CI...]``, text-stream layers ``[PROMPT | CT...]`` and single-stream layers the whole
 joint sequence. Each wrapped layer knows its stream; one shared :class:`RowPlan` (updated from
-the :class:`~musar.layout.TokenLayout` at the start of every forward) says how long each row
+the :class:`~musar.models.layout.TokenLayout` at the start of every forward) says how long each row
 group is.
 
 The ablation ``mode="shared"`` ("without debiasing", paper Fig. 8) applies one LoRA to every row.
@@ -19,70 +19,15 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import nn
 
-from musar.layout import TokenLayout
+from musar.lora.config import BranchLoRAConfig
+from musar.models.layout import TokenLayout
 
 Stream = Literal["image", "text", "joint"]
-Branch = Literal["noise", "subject", "shared"]
-
-DEFAULT_TARGETS: tuple[str, ...] = (
-    "x_embedder",
-    "context_embedder",
-    "transformer_blocks.*.attn.to_q",
-    "transformer_blocks.*.attn.to_k",
-    "transformer_blocks.*.attn.to_v",
-    "transformer_blocks.*.attn.to_out.0",
-    "transformer_blocks.*.attn.add_q_proj",
-    "transformer_blocks.*.attn.add_k_proj",
-    "transformer_blocks.*.attn.add_v_proj",
-    "transformer_blocks.*.attn.to_add_out",
-    "transformer_blocks.*.ff.net.0.proj",
-    "transformer_blocks.*.ff.net.2",
-    "transformer_blocks.*.ff_context.net.0.proj",
-    "transformer_blocks.*.ff_context.net.2",
-    "single_transformer_blocks.*.attn.to_q",
-    "single_transformer_blocks.*.attn.to_k",
-    "single_transformer_blocks.*.attn.to_v",
-    "single_transformer_blocks.*.proj_mlp",
-    "single_transformer_blocks.*.proj_out",
-)
-
-
-@dataclass
-class BranchLoRAConfig:
-    noise_rank: int = field(default=4, metadata={"help": "Rank of the LoRA on NOISE rows (paper: 4)."})
-    subject_rank: int = field(default=128, metadata={"help": "Rank of the LoRA on condition rows (paper: 128)."})
-    noise_alpha: float | None = field(default=None, metadata={"help": "Scale numerator for the noise branch; None = rank (scale 1)."})
-    subject_alpha: float | None = field(default=None, metadata={"help": "Scale numerator for the subject branch; None = rank (scale 1)."})
-    targets: tuple[str, ...] = field(default=DEFAULT_TARGETS, metadata={"help": "Glob patterns of linear module paths to adapt."})
-    mode: Literal["dual", "shared"] = field(default="dual", metadata={"help": "'dual' (paper) or 'shared': one LoRA on every row (ablation)."})
-    dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
-
-    def __post_init__(self) -> None:
-        self.targets = tuple(self.targets)
-        if self.mode not in ("dual", "shared"):
-            raise ValueError(f"unknown LoRA mode {self.mode!r}; expected 'dual' or 'shared'")
-        if min(self.noise_rank, self.subject_rank) < 1:
-            raise ValueError("LoRA ranks must be >= 1")
-
-    def branches(self) -> dict[str, tuple[int, float]]:
-        """branch name -> (rank, scaling)."""
-
-        def scale(rank: int, alpha: float | None) -> float:
-            return (alpha if alpha is not None else rank) / rank
-
-        if self.mode == "shared":
-            return {"shared": (self.subject_rank, scale(self.subject_rank, self.subject_alpha))}
-        return {
-            "noise": (self.noise_rank, scale(self.noise_rank, self.noise_alpha)),
-            "subject": (self.subject_rank, scale(self.subject_rank, self.subject_alpha)),
-        }
-
 
 class RowPlan:
     """Row groups of each stream for the current forward: [(length, branch or None), ...]."""

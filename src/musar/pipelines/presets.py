@@ -1,4 +1,4 @@
-"""Ready-made pipelines: the real FLUX.1-dev loader and a tiny random-weight preset.
+"""Ready-made pipelines: the real FLUX.1-dev loader and the tiny random-weight preset.
 
 ``tiny`` is the FLUX architecture (transformer, VAE, CLIP and T5 text encoders) at a few
 thousand parameters with random weights and offline-built tokenizers. It produces noise-like
@@ -17,12 +17,11 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from musar.errors import MusarError
-from musar.pipeline import DEFAULT_MODEL, MusarPipeline
-from musar.tokenizer import word_level_tokenizer
-from musar.transformer import MusarTransformer
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-PRESETS = ("tiny", "toy")
+from musar.models.transformer import MusarTransformer
+from musar.pipelines.pipeline_musar import DEFAULT_MODEL, MusarPipeline
+from musar.pipelines.registry import PresetSpec, get_preset
+from musar.utils.dtypes import DTYPE_NAMES, torch_dtype
+from musar.utils.tokenizer import word_level_tokenizer
 
 _TINY_CORPUS = [
     "a photo of a dog and a red backpack on the beach",
@@ -112,23 +111,14 @@ def load_pipeline(
 ) -> MusarPipeline:
     """The one factory behind the CLI, evaluation and UI: a ready pipeline on its device."""
     del attention  # chosen per call; accepted here so callers can pass their settings through
-    if dtype not in DTYPES:
-        raise MusarError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    if dtype not in DTYPE_NAMES:
+        raise MusarError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPE_NAMES)}")
     if preset is not None and model is not None:
         raise MusarError("give either --model or --preset, not both")
     if preset is not None:
-        if preset not in PRESETS:
-            raise MusarError(f"unknown preset {preset!r}; expected one of {list(PRESETS)}")
-        if preset == "toy":  # trained toy-world base + full MUSAR LoRA shipped in the package
-            from musar.toy.model import load_toy_pipeline
-
-            pipe = load_toy_pipeline(use_shipped_lora=lora is None)
-        else:
-            pipe = tiny_pipeline()
-        torch_dtype = torch.float32  # tiny models run in fp32 on CPU
+        pipe = get_preset(preset).build(lora is None)  # tiny models run in fp32 on CPU
     else:
-        torch_dtype = DTYPES[dtype]
-        pipe = MusarPipeline.from_pretrained(model or DEFAULT_MODEL, torch_dtype=torch_dtype)
+        pipe = MusarPipeline.from_pretrained(model or DEFAULT_MODEL, dtype=torch_dtype(dtype))
     if lora is not None:
         pipe.load_lora(lora)
     if single_lora:  # the "one LoRA for all tokens" ablation: its weights must have been trained so
@@ -145,5 +135,11 @@ def load_pipeline(
     elif preset is not None:
         pipe.to(device=device)
     else:
-        pipe.to(device=device, dtype=torch_dtype)
+        pipe.to(device=device, dtype=torch_dtype(dtype))
     return pipe
+
+
+TINY = PresetSpec(
+    "tiny", "FLUX architecture at a few thousand parameters, random weights: smoke runs, images are noise",
+    lambda with_default_lora: tiny_pipeline(), random_weights=True,
+)

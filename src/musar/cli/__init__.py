@@ -1,0 +1,72 @@
+"""The ``musar`` command line: one entry point, thin subcommands, answers at once.
+
+Only the chosen subcommand's module is imported, and each subcommand module imports nothing
+heavy (torch, diffusers, gradio, datasets) until its ``run`` function is called, so ``musar
+--help`` and ``musar X --help`` do not pay for a model stack they will not use. A user error
+(:class:`~musar.errors.MusarError`) becomes one line on stderr and exit code 2.
+
+Subcommands are registered by module name: ``add_parser(subparsers)`` builds the parser and sets
+``func(args) -> int``. The miniature world's ``toy`` command lives in its own package and is
+registered here by name only; the core never imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Collection, Sequence
+
+from musar.errors import MusarError
+
+# name -> (module providing `add_parser(subparsers)`, one-line help shown by `musar --help`)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "generate": ("musar.cli.generate", "generate an image from a prompt and reference subjects"),
+    "train": ("musar.cli.train", "train the dual-branch MUSAR LoRA from a YAML config"),
+    "eval": ("musar.cli.eval", "DreamBench evaluation: generate, score (DINO / CLIP-I / CLIP-T), report"),
+    "data": ("musar.cli.data", "preview and count training data (Subjects200K, MUSAR-Gen)"),
+    "bench": ("musar.cli.bench", "time MUSAR's forward and routed attention against plain FLUX"),
+    "ui": ("musar.cli.ui", "web UI (Gradio) for multi-subject generation"),
+    "toy": ("musar.toy.cli", "the miniature world: pretrain, MUSAR-train, ablate, report, demo (CPU)"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's default prints usage; keep it to one line
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser(full: Collection[str] | None = None) -> argparse.ArgumentParser:
+    """The top-level parser with the full parsers of the ``full`` subcommands (default: all) and
+    one-line stubs for the others (``musar --help`` needs nothing more)."""
+    parser = _Parser(prog="musar", description="MUSAR multi-subject customization for FLUX.1-dev.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        if full is None or name in full:
+            importlib.import_module(module).add_parser(sub)
+        else:
+            sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def _command(argv: Sequence[str]) -> str | None:
+    """The subcommand named on the command line, if any (options before it are top-level)."""
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg if arg in SUBCOMMANDS else None
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = _command(argv)
+    parser = build_parser([command] if command else [])
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except MusarError as e:
+        print(f"musar {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"musar {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,30 @@
+"""MUSAR's model layer, composed over diffusers' FLUX modules.
+
+* :mod:`~musar.models.layout` — which token sits where (pure data);
+* :mod:`~musar.models.routing` — static and dynamic routing as pure functions;
+* :mod:`~musar.models.attention` — the attention processor and the ``fast`` / ``reference`` backends;
+* :mod:`~musar.models.flex` — the FlexAttention backend;
+* :mod:`~musar.models.blocks` — FLUX block forwards with per-token-kind modulation;
+* :mod:`~musar.models.transformer` — :class:`MusarTransformer` (a ``FluxTransformer2DModel``);
+* :mod:`~musar.models.cache` — the condition K/V cache.
+"""
+
+from __future__ import annotations
+
+from musar.utils.lazy import lazy_exports
+
+_EXPORTS: dict[str, str] = {
+    "TokenLayout": "musar.models.layout",
+    "Kind": "musar.models.layout",
+    "RoutingOptions": "musar.models.routing",
+    "MusarAttnProcessor": "musar.models.attention",
+    "RouteRecord": "musar.models.attention",
+    "ConditionCache": "musar.models.cache",
+    "ConditionInputs": "musar.models.transformer",
+    "MusarTransformer": "musar.models.transformer",
+    "condition_image_ids": "musar.models.transformer",
+    "latent_image_ids": "musar.models.transformer",
+}
+
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports("musar.models", _EXPORTS)

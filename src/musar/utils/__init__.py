@@ -1,0 +1,1 @@
+"""Small shared helpers with no model code: atomic IO, argument checks, images, dtypes, tokenizers."""
