@@ -47,12 +47,17 @@ if TYPE_CHECKING:
 
 @dataclass
 class RouteRecord:
-    """What dynamic routing decided in one layer at one step (for Fig.-5 style maps)."""
+    """What dynamic routing decided in one layer at one step (for Fig.-5 style maps).
+
+    Both tensors stay on the attention's device (detached), so capturing costs no host sync per
+    layer; a consumer moves what it keeps. ``affinity`` is S* before any given candidates were
+    applied (what the model itself would pick); ``routes`` are the routes the layer used.
+    """
 
     layer: int
     step: int
-    affinity: torch.Tensor  # (B, n, c) head-mean, or (B, H, n, c) per head; float32, CPU
-    routes: torch.Tensor  # (B, n) or (B, H, n); int64, CPU
+    affinity: torch.Tensor  # (B, n, c) head-mean, or (B, H, n, c) per head; float32
+    routes: torch.Tensor  # (B, n) or (B, H, n); int64, c = no condition (see routing.no_condition)
 
 
 @dataclass
@@ -63,6 +68,10 @@ class RoutingContext:
     condition K/V are appended to k/v (``layout`` is the full layout with conditions). With
     ``cache_write=True``: q/k/v hold the condition rows of a condition-only ``layout`` and
     every layer's k/v are stored into the cache.
+
+    ``candidates`` (B, n, c) bool: given routes (DESIGN sec. 4a). Where dynamic routing acts,
+    each NOISE token is routed by S* among its candidates only, and to no condition when it has
+    none; where it does not act (off, before ``start_layer`` / ``start_step``) they do nothing.
     """
 
     layout: TokenLayout
@@ -72,6 +81,7 @@ class RoutingContext:
     capture: Callable[[RouteRecord], None] | None = None
     cache: ConditionCache | None = None
     cache_write: bool = False
+    candidates: torch.Tensor | None = None  # (B, n, c) bool route candidates per NOISE token
     memo: dict[Any, Any] = field(default_factory=dict, repr=False)  # per-forward constants
 
     def layer(self, index: int) -> LayerRouting:
@@ -101,23 +111,39 @@ class LayerRouting:
         k_map = k_map or q_map
         if q_map.noise.stop == q_map.noise.start:
             return None
-        if not ctx.options.dynamic_active(self.index, ctx.step, layout.num_conditions):
+        c, given = layout.num_conditions, ctx.candidates is not None
+        if not ctx.options.dynamic_active(self.index, ctx.step, c, given):
             return None
-        if ctx.spans is None:
+        if ctx.spans is None and c >= 2:
             raise ValueError("dynamic routing with 2+ conditions needs the subject spans of the prompt")
-        h, d = q.shape[1], q.shape[3]
-        key = ("span_values", q.device, q.dtype, h, d)
-        if key not in ctx.memo:  # once per forward: it reads the spans on the host
-            ctx.memo[key] = span_values(ctx.spans.to(q.device), layout.prompt, h, d, q.dtype)
+        candidates = None
+        if given:
+            key = ("candidates", q.device)
+            if key not in ctx.memo:
+                ctx.memo[key] = ctx.candidates.to(q.device)
+            candidates = ctx.memo[key]
         with torch.no_grad():  # routes are an argmax: no gradient flows through them
-            affinity = subject_affinity_fused(
-                q[:, :, q_map.noise], k[:, :, k_map.prompt], ctx.spans,
-                per_head=ctx.options.per_head, values=ctx.memo[key],
-            )
-            routes = routes_from_affinity(affinity)
+            if ctx.spans is not None and (c >= 2 or ctx.capture is not None):
+                affinity = self._affinity(q[:, :, q_map.noise], k[:, :, k_map.prompt])
+            else:  # one subject: S* has nothing to choose, only the candidates decide
+                b, h, n = q.shape[0], q.shape[1], q_map.noise.stop - q_map.noise.start
+                shape = (b, h, n, 1) if ctx.options.per_head else (b, n, 1)
+                affinity = torch.ones(shape, device=q.device)
+            routes = routes_from_affinity(affinity, candidates)
         if ctx.capture is not None:
-            ctx.capture(RouteRecord(self.index, ctx.step, affinity.detach().cpu(), routes.detach().cpu()))
+            ctx.capture(RouteRecord(self.index, ctx.step, affinity.detach(), routes.detach()))
         return routes
+
+    def _affinity(self, q_noise: torch.Tensor, k_prompt: torch.Tensor) -> torch.Tensor:
+        ctx = self.ctx
+        assert ctx.spans is not None
+        h, d = q_noise.shape[1], q_noise.shape[3]
+        key = ("span_values", q_noise.device, q_noise.dtype, h, d)
+        if key not in ctx.memo:  # once per forward: it reads the spans on the host
+            ctx.memo[key] = span_values(ctx.spans.to(q_noise.device), ctx.layout.prompt, h, d, q_noise.dtype)
+        return subject_affinity_fused(
+            q_noise, k_prompt, ctx.spans, per_head=ctx.options.per_head, values=ctx.memo[key]
+        )
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Routed attention over (B, H, L, d) tensors (layout order unless a cache is read)."""
@@ -207,8 +233,9 @@ def fast_routed_attention(
         if routes is None:
             pieces[qm.noise.start] = _sdpa(qn, k, v, everything)
         else:
-            # Dynamic routing restricts NOISE rows with or without static routing.
-            kv_for = [[km.prompt, km.noise, *km.cond(i)] for i in range(c)]
+            # Dynamic routing restricts NOISE rows with or without static routing; route c
+            # (no condition) sees PROMPT and NOISE only.
+            kv_for = [[km.prompt, km.noise, *km.cond(i)] for i in range(c)] + [[km.prompt, km.noise]]
             pieces[qm.noise.start] = _routed_noise(qn, k, v, routes, kv_for)
 
     return torch.cat([pieces[s] for s in sorted(pieces)], dim=2)
@@ -217,7 +244,10 @@ def fast_routed_attention(
 def _routed_noise(
     qn: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routes: torch.Tensor, kv_for: list[list[slice]]
 ) -> torch.Tensor:
-    """Bucket NOISE queries by route and run one unmasked attention per (sample[, head], route)."""
+    """Bucket NOISE queries by route and run one unmasked attention per (sample[, head], route).
+
+    ``kv_for[r]``: the key groups route value ``r`` may see (one entry per route value).
+    """
     per_head = routes.dim() == 3
     c = len(kv_for)
     rows = []

@@ -38,6 +38,9 @@ class ConditionCache:
     pooled_projections: torch.Tensor  # temb(t_cond) depends on these ...
     guidance: torch.Tensor | None  # ... and on this
     timestep: float = 0.0
+    # (B, n, c) bool given routes of the NOISE tokens (ConditionInputs.candidates); like the
+    # spans they belong to the image, so the cache carries them to every step.
+    candidates: torch.Tensor | None = None
     keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, H, Lc, d)
     values: dict[int, torch.Tensor] = field(default_factory=dict)
 

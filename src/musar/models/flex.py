@@ -4,9 +4,9 @@ The mask is never evaluated element by element to find the blocks (``create_bloc
 costs 20 ms eager, DESIGN sec. 9). Routing depends on a token only through its *class*
 (:func:`musar.models.routing.class_tables`), so
 
-1. every query row gets a class (NOISE rows: one class per route) and the queries are sorted
-   by class. PROMPT, NOISE routed to condition 0, NOISE routed to 1, ..., COND 0, COND 1, ...
-   then form contiguous runs, so a query block mostly holds one class and whole key blocks of
+1. every query row gets a class (NOISE rows: one class per route, "no condition" included) and
+   the queries are sorted by class. PROMPT, NOISE routed to condition 0, NOISE routed to 1, ...,
+   NOISE routed to no condition, COND 0, COND 1, ... then form contiguous runs, so a query block mostly holds one class and whole key blocks of
    the conditions it may not see drop out (1.48 ms vs 1.86 ms unsorted on an H100, sec. 9);
 2. a block's classes are a tiny (classes) 0/1 vector; two small matmuls against the class
    table say whether a (query block, key block) pair has any allowed pair (kept) and any
@@ -104,7 +104,7 @@ def flex_statics(
     c = q_map.num_conditions
     table = class_tables(c, independent_conditions=independent_conditions, static=static).to(device)
     q_pad, k_pad = table.shape[0] - 1, table.shape[1] - 1
-    q_base = _classes_per_row(q_map, lambda k: 2 + c + k, q_pad, q_map.length, device)
+    q_base = _classes_per_row(q_map, lambda k: 3 + c + k, q_pad, q_map.length, device)
     k_len_padded = math.ceil(k_map.length / block_size) * block_size
     k_class = _classes_per_row(k_map, lambda k: 2 + k, k_pad, k_len_padded, device)
     k_present = _present(k_class, table.shape[1], block_size)  # (nKB, Kc)

@@ -6,6 +6,10 @@ the one condition it may see (its *route*). Everything here takes tensors and a
 built here are the *reference* semantics; the fast attention path never builds them.
 
 Mask convention: ``True`` = the query row may attend to the key column.
+
+Route values: ``0 .. c-1`` name a condition; ``c`` (:func:`no_condition`) means the token reads no
+condition at all (only PROMPT and NOISE keys). S* never picks ``c``; given routes do, when a
+token has no candidate (DESIGN sec. 4a, :mod:`musar.models.boxes`).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ class RoutingOptions:
     """How attention is routed. Defaults reproduce the paper."""
 
     static: bool = field(default=True, metadata={"help": "Static routing (paper 3.2.2). Off = every token sees every token (ablation)."})
-    dynamic: bool = field(default=True, metadata={"help": "Dynamic routing of NOISE queries to one condition (paper 3.3); only acts for c >= 2."})
+    dynamic: bool = field(default=True, metadata={"help": "Dynamic routing of NOISE queries to one condition (paper 3.3); acts for c >= 2, or c >= 1 with given route candidates (boxes)."})
     per_head: bool = field(default=False, metadata={"help": "Route per attention head instead of on the head-mean affinity."})
     start_layer: int = field(default=0, metadata={"help": "First layer (double blocks first, then single) where dynamic routing applies."})
     start_step: int = field(default=0, metadata={"help": "First denoising step where dynamic routing applies."})
@@ -40,8 +44,14 @@ class RoutingOptions:
         if self.start_layer < 0 or self.start_step < 0:
             raise ValueError("start_layer and start_step must be >= 0")
 
-    def dynamic_active(self, layer: int, step: int, num_conditions: int) -> bool:
-        return self.dynamic and num_conditions >= 2 and layer >= self.start_layer and step >= self.start_step
+    def dynamic_active(self, layer: int, step: int, num_conditions: int, given: bool = False) -> bool:
+        """Whether routes (from S*, or given) restrict NOISE rows in this layer at this step.
+
+        S* needs two subjects to choose between; given route candidates (``given``) also act for
+        a single subject, whose box then limits where its reference is read.
+        """
+        enough = num_conditions >= 2 or (given and num_conditions >= 1)
+        return self.dynamic and enough and layer >= self.start_layer and step >= self.start_step
 
     def resolved_backend(self, device: torch.device | str) -> str:
         return resolve_backend(self.backend, device)
@@ -162,8 +172,8 @@ def routed_mask(
 ) -> torch.Tensor:
     """Full reference mask: static rules, then each NOISE query sees only the condition it is routed to.
 
-    ``routes``: (B, n) or (B, H, n) condition indices for the NOISE queries, or ``None`` for no
-    dynamic routing. Returns (B, 1 or H, L, L) booleans (or (1, 1, L, L) without routes).
+    ``routes``: (B, n) or (B, H, n) route values for the NOISE queries (``c`` = no condition), or
+    ``None`` for no dynamic routing. Returns (B, 1 or H, L, L) booleans (or (1, 1, L, L) without routes).
     """
     device = routes.device if routes is not None else None
     base = static_mask(layout, independent_conditions=independent_conditions, static=static, device=device)
@@ -270,31 +280,84 @@ def subject_affinity_fused(
     return affinity if per_head else affinity.mean(dim=1)
 
 
-def routes_from_affinity(affinity: torch.Tensor) -> torch.Tensor:
-    """r_i = argmax_k S*[i, k] (ties go to the lower condition index)."""
-    return affinity.argmax(dim=-1)
+def no_condition(num_conditions: int) -> int:
+    """The route value of a NOISE token that reads no condition: one past the last condition."""
+    return num_conditions
+
+
+def routes_from_affinity(affinity: torch.Tensor, candidates: torch.Tensor | None = None) -> torch.Tensor:
+    """r_i = argmax_k S*[i, k] over the token's candidates (ties go to the lower condition index).
+
+    ``affinity``: (B, n, c) or per head (B, H, n, c). ``candidates``: (B, n, c) bool, the
+    conditions each NOISE token may be routed to (all True = free, as without candidates); the
+    same for every head. A token with no candidate gets :func:`no_condition`. Masking the
+    affinity rather than overriding the argmax keeps free tokens bit-identical to plain S*.
+    """
+    if candidates is None:
+        return affinity.argmax(dim=-1)
+    allowed = candidates.to(affinity.device)
+    if affinity.dim() == 4:
+        allowed = allowed[:, None]
+    if allowed.shape[-1] != affinity.shape[-1] or allowed.shape[-2] != affinity.shape[-2]:
+        raise ValueError(f"route candidates {tuple(candidates.shape)} do not match the affinity {tuple(affinity.shape)}")
+    routes = affinity.masked_fill(~allowed, float("-inf")).argmax(dim=-1)
+    return routes.masked_fill(~allowed.any(dim=-1), no_condition(affinity.shape[-1]))
+
+
+@dataclass(frozen=True)
+class RoutingAccuracy:
+    """How many labelled NOISE tokens went to their true subject (DESIGN sec. 4a)."""
+
+    overall: float  # share of labelled tokens routed to their label; nan when none is labelled
+    per_subject: dict[int, float]  # subject -> share of its tokens routed to it (subjects present only)
+    labelled: int  # labelled tokens counted (x heads for per-head routes)
+
+
+def routing_accuracy(routes: torch.Tensor, token_labels: torch.Tensor) -> RoutingAccuracy:
+    """Share of the tokens that belong to a subject which are routed to that subject.
+
+    ``routes``: (n,), (B, n) or per head (B, H, n) route values (``no_condition`` counts as
+    wrong). ``token_labels``: (n,) or (B, n) int, the true subject of each NOISE token or -1 for
+    tokens to ignore (background, mixed tokens). Per-head routes count every head.
+    """
+    labels = token_labels.to(routes.device).long()
+    if routes.dim() == labels.dim() + 1:
+        labels = labels.unsqueeze(-2).expand_as(routes)
+    if routes.shape != labels.shape:
+        raise ValueError(f"routes {tuple(routes.shape)} and token labels {tuple(token_labels.shape)} do not match")
+    keep = labels >= 0
+    hit = (routes == labels) & keep
+    labelled = int(keep.sum())
+    per_subject = {
+        int(k): float(hit[labels == k].float().mean()) for k in labels[keep].unique().tolist()
+    }
+    overall = float(hit.sum()) / labelled if labelled else float("nan")
+    return RoutingAccuracy(overall, per_subject, labelled)
 
 
 def class_tables(
     num_conditions: int, *, independent_conditions: bool = False, static: bool = True
 ) -> torch.Tensor:
-    """(2c + 3, c + 3) boolean table: which query class may see which key class.
+    """(2c + 4, c + 3) boolean table: which query class may see which key class.
 
     The routing rules depend on a token only through its class, so every mask in this project
     is ``table[q_class[row], k_class[col]]``. Query classes: 0 PROMPT, 1 NOISE without a route,
-    2 + r NOISE routed to condition r, 2 + c + k COND k (CT and CI), 2c + 2 padding. Key
-    classes: 0 PROMPT, 1 NOISE, 2 + k COND k, c + 2 padding. Padding sees and is seen by nothing.
+    2 + r NOISE with route r (r = c: no condition, see :func:`no_condition`), 3 + c + k COND k
+    (CT and CI), 2c + 3 padding. Key classes: 0 PROMPT, 1 NOISE, 2 + k COND k, c + 2 padding.
+    Padding sees and is seen by nothing.
     """
     c = num_conditions
     real = c + 2  # key classes that are actual tokens
-    table = torch.zeros(2 * c + 3, c + 3, dtype=torch.bool)
+    table = torch.zeros(2 * c + 4, c + 3, dtype=torch.bool)
     table[0, :real] = not static
     table[0, :2] = True
     table[1, :real] = True
-    for r in range(c):  # dynamic routing restricts NOISE rows with or without static routing
-        table[2 + r, [0, 1, 2 + r]] = True
+    for r in range(c + 1):  # dynamic routing restricts NOISE rows with or without static routing
+        table[2 + r, [0, 1]] = True
+        if r < c:
+            table[2 + r, 2 + r] = True
     for k in range(c):
-        row = table[2 + c + k]
+        row = table[3 + c + k]
         if not static:
             row[:real] = True
         row[2 + k] = True

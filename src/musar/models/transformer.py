@@ -43,6 +43,9 @@ class ConditionInputs:
     image_ids: Sequence[torch.Tensor]  # c x (n'_k, 3) position ids, see condition_image_ids
     spans: torch.Tensor | None = None  # (B, c, 2): (start, length) of phrase k in the main prompt
     timestep: float = 0.0  # t_cond: condition rows are modulated with temb(t_cond)
+    # (B, n, c) bool: the conditions each NOISE token may be routed to (given routes, DESIGN
+    # sec. 4a; musar.models.boxes builds them from boxes). None = S* decides among all.
+    candidates: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         c = len(self.image_latents)
@@ -50,10 +53,20 @@ class ConditionInputs:
             raise ValueError("conditions need as many text embeddings and id grids as image latents")
         if self.spans is not None and self.spans.shape[1] != c:
             raise ValueError(f"spans describe {self.spans.shape[1]} subjects for {c} conditions")
+        if self.candidates is not None and (self.candidates.dim() != 3 or self.candidates.shape[2] != c):
+            raise ValueError(f"route candidates must be (B, n, {c}) booleans, got shape {tuple(self.candidates.shape)}")
 
     @property
     def num(self) -> int:
         return len(self.image_latents)
+
+
+def check_candidates(candidates: torch.Tensor | None, batch: int, noise: int) -> None:
+    """Route candidates must cover every NOISE token of every sample."""
+    if candidates is not None and tuple(candidates.shape[:2]) != (batch, noise):
+        raise ValueError(
+            f"route candidates cover {tuple(candidates.shape[:2])} (batch, noise tokens); the forward has ({batch}, {noise})"
+        )
 
 
 def latent_image_ids(height_tokens: int, width_tokens: int, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
@@ -161,8 +174,11 @@ class MusarTransformer(FluxTransformer2DModel):
             id_parts += [ids.to(img_ids) for ids in cond.image_ids]
         rotary = self.pos_embed(torch.cat(id_parts, dim=0))
 
+        candidates = cond.candidates if cond else None
+        check_candidates(candidates, batch, layout.noise)
         ctx = RoutingContext(
-            layout, routing or RoutingOptions(), cond.spans if cond else None, step_index, capture
+            layout, routing or RoutingOptions(), cond.spans if cond else None, step_index, capture,
+            candidates=candidates,
         )
         joint = self._run_blocks(image, text, temb, temb_cond, rotary, layout, ctx)
         noise = joint[:, layout.noise_slice]
@@ -212,6 +228,7 @@ class MusarTransformer(FluxTransformer2DModel):
             cond_text=tuple(x.shape[1] for x in conditions.text_embeds),
             options=options,
             spans=conditions.spans,
+            candidates=conditions.candidates,
             pooled_projections=pooled_projections.detach(),
             guidance=None if guidance is None else guidance.detach(),
             timestep=float(conditions.timestep),
@@ -257,8 +274,10 @@ class MusarTransformer(FluxTransformer2DModel):
         txt_ids = txt_ids[0] if txt_ids.ndim == 3 else txt_ids
         img_ids = img_ids[0] if img_ids.ndim == 3 else img_ids
         rotary = self.pos_embed(torch.cat([txt_ids, img_ids], dim=0))
+        check_candidates(cache.candidates, cache.batch, streams.noise)
         ctx = RoutingContext(
-            cache.layout(streams.prompt, streams.noise), options, cache.spans, step_index, capture, cache=cache
+            cache.layout(streams.prompt, streams.noise), options, cache.spans, step_index, capture, cache=cache,
+            candidates=cache.candidates,
         )
         joint = self._run_blocks(image, text, temb, None, rotary, streams, ctx)
         return self.proj_out(self.norm_out(joint[:, streams.noise_slice], temb))
