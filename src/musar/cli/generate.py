@@ -34,6 +34,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--routing-maps", default=None, metavar="DIR", help="write routing maps (Fig. 5 style) here")
     p.add_argument("--no-dynamic-routing", action="store_true", help="static routing only")
     p.add_argument(
+        "--box", nargs="+", action="append", metavar="COORD",
+        help="layout box of a subject: X0 Y0 X1 Y1 as fractions of the image (0..1, origin top left), or 'none'; "
+        "give once per --subject, in the same order (all subjects or none). A token inside one box reads only "
+        "that subject's reference",
+    )
+    p.add_argument(
+        "--outside-boxes", choices=["all", "none"], default="all",
+        help="what tokens outside every box read: all = dynamic routing picks among all subjects (default), "
+        "none = no reference",
+    )
+    p.add_argument(
         "--attention", choices=["auto", "fast", "flex", "reference"], default="auto",
         help="routed attention backend: auto = flex on CUDA, fast elsewhere; reference = dense mask (slow)",
     )
@@ -60,8 +71,22 @@ def _validate(args: argparse.Namespace) -> Path:
     return out
 
 
+def check_box_args(args: argparse.Namespace) -> list[tuple[float, float, float, float] | None] | None:
+    """``--box`` / ``--outside-boxes`` as checked boxes (one-line MusarError); no model needed."""
+    from musar.models.boxes import check_boxes, parse_box_args
+
+    if args.box is None and args.outside_boxes != "all":
+        raise MusarError(f"--outside-boxes {args.outside_boxes} needs --box: it says what tokens outside every box read")
+    boxes = parse_box_args(args.box, len(args.subject))
+    return check_boxes(
+        boxes, len(args.subject), args.height, args.width,
+        dynamic_routing=not args.no_dynamic_routing, outside=args.outside_boxes,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     out = _validate(args)
+    boxes = check_box_args(args)
     from musar.pipelines.spans import find_phrase_chars
     from musar.utils.images import load_reference
 
@@ -93,20 +118,24 @@ def run(args: argparse.Namespace) -> int:
         dynamic_routing=not args.no_dynamic_routing,
         attention=args.attention,
         independent_conditions=args.independent_conditions,
-        return_routing=bool(args.routing_maps),
+        boxes=boxes,
+        outside_boxes=args.outside_boxes,
+        return_routing=True,  # the sidecar records the share of tokens routed to each subject
     )
     image = result.images[0]
     with atomic_path(out) as tmp:
         image.save(tmp, format="PNG")
-    sidecar = _sidecar(args, pipe, result.timings | {"load_s": load_s})
+    sidecar = _sidecar(args, pipe, result.timings | {"load_s": load_s}, boxes, result.routing)
     atomic_write_json(out.with_suffix(".json"), sidecar)
     print(f"wrote {out} and {out.with_suffix('.json')}")
     if args.routing_maps:
-        _write_routing_maps(Path(args.routing_maps), result, image, [p for _, p in args.subject])
+        _write_routing_maps(Path(args.routing_maps), result, image, [p for _, p in args.subject], args.outside_boxes)
     return 0
 
 
-def _sidecar(args: argparse.Namespace, pipe: Any, timings: dict[str, float]) -> dict[str, Any]:
+def _sidecar(
+    args: argparse.Namespace, pipe: Any, timings: dict[str, float], boxes: list[Any] | None, routing: Any
+) -> dict[str, Any]:
     import musar
 
     return {
@@ -125,6 +154,10 @@ def _sidecar(args: argparse.Namespace, pipe: Any, timings: dict[str, float]) -> 
         "condition_size": args.condition_size,
         "condition_fit": args.condition_fit,
         "dynamic_routing": not args.no_dynamic_routing,
+        "boxes": None if boxes is None else [None if b is None else list(b) for b in boxes],
+        "outside_boxes": args.outside_boxes,
+        # per subject, the share of NOISE tokens routed to it at each step (mean over routed layers)
+        "route_share": routing.route_share() if routing is not None and routing.steps else None,
         "attention": args.attention,
         "independent_conditions": args.independent_conditions,
         "offload": args.offload,
@@ -134,16 +167,20 @@ def _sidecar(args: argparse.Namespace, pipe: Any, timings: dict[str, float]) -> 
     }
 
 
-def _write_routing_maps(folder: Path, result: Any, image: Any, phrases: list[str]) -> None:
+def _write_routing_maps(folder: Path, result: Any, image: Any, phrases: list[str], outside_boxes: str) -> None:
     from musar.pipelines.routing_maps import route_overlay, save_routing_grid
 
     if result.routing is None or not result.routing.steps:
-        print("musar: no routing maps: dynamic routing only acts with 2+ subjects and routing on", file=sys.stderr)
+        print("musar: no routing maps: dynamic routing only acts with 2+ subjects (or boxes) and routing on", file=sys.stderr)
         return
-    rec = result.routing
-    save_routing_grid(rec, result.grid, phrases, folder / "routing_grid.png")
-    overlay = route_overlay(image, rec.routes(rec.steps[-1])[0], result.grid)
+    rec, boxes = result.routing, result.boxes
+    save_routing_grid(rec, result.grid, phrases, folder / "routing_grid.png", boxes=boxes)
+    overlay = route_overlay(image, rec.routes(rec.steps[-1])[0], result.grid, boxes=boxes, num_conditions=len(phrases))
     with atomic_path(folder / "route_overlay.png") as tmp:
         overlay.save(tmp, format="PNG")
-    atomic_write_json(folder / "routing.json", rec.to_dict() | {"phrases": phrases, "grid": list(result.grid)})
+    extra = {
+        "phrases": phrases, "grid": list(result.grid), "outside_boxes": outside_boxes,
+        "boxes": None if boxes is None else [None if b is None else list(b) for b in boxes],
+    }
+    atomic_write_json(folder / "routing.json", rec.to_dict() | extra)
     print(f"wrote routing maps to {folder}/ (routing_grid.png, route_overlay.png)")

@@ -23,6 +23,7 @@ from PIL import Image
 
 from musar.errors import MusarError
 from musar.lora.io import file_sha256, load_branch_lora
+from musar.models.boxes import Box, box_candidates, check_boxes
 from musar.models.routing import RoutingOptions
 from musar.models.transformer import ConditionInputs, MusarTransformer
 from musar.pipelines.conditions import encode_references
@@ -44,6 +45,7 @@ class MusarPipelineOutput:
     routing: RoutingRecorder | None = None
     grid: tuple[int, int] = (0, 0)  # noise-token grid (rows, columns) for routing maps
     timings: dict[str, float] = field(default_factory=dict)
+    boxes: list[Box | None] | None = None  # the checked subject boxes, for drawing them
 
 
 class MusarPipeline(FluxPipeline):
@@ -123,6 +125,8 @@ class MusarPipeline(FluxPipeline):
         independent_conditions: bool = False,
         routing: RoutingOptions | None = None,
         return_routing: bool = False,
+        boxes: Sequence[Sequence[float] | None] | None = None,
+        outside_boxes: str = "all",
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         progress: bool = True,
@@ -142,6 +146,12 @@ class MusarPipeline(FluxPipeline):
             independent_conditions: conditions never see NOISE (only for weights trained so); their
                 K/V are then computed once and cached for every step.
             return_routing: also return S* and routes per step (for routing maps).
+            boxes: layout control, one ``(x0, y0, x1, y1)`` in fractions of the image, or None,
+                per subject (:mod:`musar.models.boxes` has the rules). A token whose centre is in
+                one box reads only that subject's reference; in several, S* picks among them.
+            outside_boxes: what tokens outside every box read: ``"all"`` (S* picks among all
+                subjects, default) or ``"none"`` (no reference). A single boxed subject is read
+                only inside its box either way. Boxes act where dynamic routing acts.
         """
         t0 = time.perf_counter()
         if not isinstance(prompt, str) or not prompt.strip():
@@ -156,6 +166,11 @@ class MusarPipeline(FluxPipeline):
             dynamic=dynamic_routing, static=static_routing, backend=attention,  # type: ignore[arg-type]
             independent_conditions=independent_conditions,
         )
+        token_px = 2 * self.vae_scale_factor  # VAE factor x the 2x2 packing
+        boxes = check_boxes(
+            boxes, len(subjects), height, width, dynamic_routing=routing.dynamic, outside=outside_boxes, token_px=token_px
+        )
+        grid = (height // token_px, width // token_px)
         images = [load_reference(img, condition_size, condition_fit) for img, _ in subjects]
         phrases = [phrase for _, phrase in subjects]
         spans = find_subject_spans(prompt, phrases, self.tokenizer_2, max_sequence_length)
@@ -168,12 +183,16 @@ class MusarPipeline(FluxPipeline):
         dtype = prompt_embeds.dtype
         refs = encode_references(self, images, condition_size, batch, device, dtype)
         phrase_embeds = [e.expand(batch, -1, -1) for e in self._encode_phrases(phrases, phrase_tokens, device)]
+        candidates = None
+        if boxes is not None and (outside_boxes != "all" or any(b is not None for b in boxes)):
+            candidates = box_candidates(boxes, grid, outside_boxes)[None].expand(batch, -1, -1).to(device)
         conditions = ConditionInputs(
             image_latents=[r.latents for r in refs],
             text_embeds=phrase_embeds,
             image_ids=[r.ids for r in refs],
             spans=spans_tensor([spans] * batch, device=device),
             timestep=condition_timestep,
+            candidates=candidates,
         )
         t_encode = time.perf_counter()
 
@@ -228,6 +247,5 @@ class MusarPipeline(FluxPipeline):
             decoded = self.vae.decode(unpacked.to(self.vae.dtype), return_dict=False)[0]
             out_images = self.image_processor.postprocess(decoded, output_type=output_type)
         self.maybe_free_model_hooks()
-        grid = (2 * (height // (self.vae_scale_factor * 2)) // 2, 2 * (width // (self.vae_scale_factor * 2)) // 2)
         timings = {"encode_s": t_encode - t0, "denoise_s": t_denoise - t_encode, "total_s": time.perf_counter() - t0}
-        return MusarPipelineOutput(out_images, recorder, grid, timings)
+        return MusarPipelineOutput(out_images, recorder, grid, timings, boxes)
