@@ -25,8 +25,11 @@ from musar.ui.logic import (
     CONDITION_FITS,
     DEFAULT_ATTENTION,
     DEFAULT_CONDITION_FIT,
+    DEFAULT_OUTSIDE_BOXES,
+    OUTSIDE_BOXES,
     Problem,
     Record,
+    box_preview,
     check_request,
     problems_html,
     row_hint,
@@ -93,6 +96,7 @@ def build_app(studio: Studio, defaults: FormDefaults | None = None) -> gr.Blocks
                 rows: list[gr.Row] = []
                 images: list[gr.Image] = []
                 phrases: list[gr.Textbox] = []
+                boxes: list[gr.Textbox] = []
                 hints: list[gr.HTML] = []
                 for k in range(MAX_SUBJECTS):
                     with gr.Row(visible=k < INITIAL_SUBJECTS, elem_id=f"subject-row-{k}") as row:
@@ -105,6 +109,10 @@ def build_app(studio: Studio, defaults: FormDefaults | None = None) -> gr.Blocks
                             phrases.append(gr.Textbox(
                                 label=f"Subject {k + 1}: phrase in the prompt", placeholder="a corgi",
                                 elem_id=f"subject-phrase-{k}",
+                            ))
+                            boxes.append(gr.Textbox(
+                                label=f"Subject {k + 1}: layout box x0 y0 x1 y1 (fractions of the image; optional)",
+                                placeholder="0 0 0.5 1  (left half)", elem_id=f"subject-box-{k}",
                             ))
                             hints.append(gr.HTML("", elem_id=f"subject-error-{k}"))
                     rows.append(row)
@@ -125,6 +133,15 @@ def build_app(studio: Studio, defaults: FormDefaults | None = None) -> gr.Blocks
                         dynamic = gr.Checkbox(True, label="Dynamic routing", elem_id="musar-dynamic-routing")
                         attention = gr.Radio(
                             list(ATTENTION_BACKENDS), value=DEFAULT_ATTENTION, label="Attention backend", elem_id="musar-attention"
+                        )
+                    with gr.Row():
+                        outside_boxes = gr.Radio(
+                            list(OUTSIDE_BOXES), value=DEFAULT_OUTSIDE_BOXES, elem_id="musar-outside-boxes",
+                            label="Tokens outside every box read: all subjects (routing decides) or none",
+                        )
+                        preview = gr.Image(
+                            label="Layout boxes (preview)", type="pil", format="png", interactive=False, height=160,
+                            elem_id="musar-box-preview",
                         )
                     with gr.Row():
                         condition_size = gr.Number(
@@ -164,8 +181,8 @@ def build_app(studio: Studio, defaults: FormDefaults | None = None) -> gr.Blocks
         )
         selected = gr.JSON(label="Parameters of the selected result", elem_id="musar-selected")
 
-        form = {prompt, count, *images, *phrases, height, width, steps, guidance, seed, randomise,
-                dynamic, attention, condition_size, condition_fit}
+        form = {prompt, count, *images, *phrases, *boxes, height, width, steps, guidance, seed, randomise,
+                dynamic, attention, condition_size, condition_fit, outside_boxes}
 
         def on_generate(values: dict[Any, Any], progress: gr.Progress = gr.Progress(track_tqdm=True)) -> dict[Any, Any]:  # noqa: B008 (Gradio's idiom)
             n = int(values[count])
@@ -174,6 +191,7 @@ def build_app(studio: Studio, defaults: FormDefaults | None = None) -> gr.Blocks
             request, problems = check_request(
                 values[prompt], rows_in, values[height], values[width], values[steps], values[guidance],
                 seed_value, values[condition_size], values[condition_fit], values[dynamic], values[attention],
+                [values[boxes[k]] for k in range(n)], values[outside_boxes],
             )
             record = None
             if request is not None:
@@ -199,7 +217,11 @@ def build_app(studio: Studio, defaults: FormDefaults | None = None) -> gr.Blocks
             shown = [gr.update(visible=k < n) for k in range(MAX_SUBJECTS)]
             cleared = [gr.update() if k < n else None for k in range(MAX_SUBJECTS)]
             blank = [gr.update() if k < n else "" for k in range(MAX_SUBJECTS)]
-            return [n, *shown, *cleared, *blank, *blank]
+            return [n, *shown, *cleared, *blank, *blank, *blank]
+
+        def on_boxes(n: int, h: Any, w: Any, *texts: str) -> Any:
+            shown = int(n)
+            return box_preview(texts[:shown], texts[MAX_SUBJECTS:MAX_SUBJECTS + shown], h, w)
 
         def on_select(evt: gr.SelectData) -> dict[str, Any] | None:
             # The caption names the result ("#N ..."): right even when this page's gallery is older
@@ -210,10 +232,13 @@ def build_app(studio: Studio, defaults: FormDefaults | None = None) -> gr.Blocks
             return None if record is None else record.params()
 
         generate.click(on_generate, inputs=form, outputs=[error, seed, *hints, output, grid, overlay, info, command, gallery])
-        count_outputs = [count, *rows, *images, *phrases, *hints]
+        count_outputs = [count, *rows, *images, *phrases, *hints, *boxes]
         add.click(lambda n: on_count(n, +1), inputs=count, outputs=count_outputs, queue=False)
         remove.click(lambda n: on_count(n, -1), inputs=count, outputs=count_outputs, queue=False)
         gallery.select(on_select, inputs=None, outputs=selected, queue=False)
+        preview_inputs = [count, height, width, *boxes, *phrases]
+        for trigger in (*boxes, *phrases, height, width, count):
+            trigger.change(on_boxes, inputs=preview_inputs, outputs=preview, queue=False)
         demo.load(studio.gallery, inputs=None, outputs=gallery, queue=False)
     return demo
 

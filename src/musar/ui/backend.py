@@ -19,7 +19,7 @@ from PIL import Image
 from musar.ui.logic import ModelSource, Record, Request, cli_command
 from musar.utils.io import atomic_path, atomic_write_json, check_writable
 
-NO_MAPS_NOTE = "No routing maps: dynamic routing only acts with 2+ subjects and dynamic routing on."
+NO_MAPS_NOTE = "No routing maps: dynamic routing only acts with 2+ subjects (or boxes) and dynamic routing on."
 
 
 class Studio:
@@ -82,6 +82,8 @@ class Studio:
             condition_fit=request.condition_fit,
             dynamic_routing=request.dynamic_routing,
             attention=request.attention,
+            boxes=None if request.boxes is None else list(request.boxes),
+            outside_boxes=request.outside_boxes,
             return_routing=True,
             progress=True,
         )
@@ -92,10 +94,15 @@ class Studio:
         grid_path = overlay_path = None
         rec = result.routing
         if rec is not None and rec.steps:
-            grid_path = save_routing_grid(rec, result.grid, [p for _, p in refs], folder / "routing_grid.png")
+            grid_path = save_routing_grid(
+                rec, result.grid, [p for _, p in refs], folder / "routing_grid.png", boxes=result.boxes
+            )
             overlay_path = folder / "route_overlay.png"
+            overlay = route_overlay(
+                image, rec.routes(rec.steps[-1])[0], result.grid, boxes=result.boxes, num_conditions=len(refs)
+            )
             with atomic_path(overlay_path) as tmp:
-                route_overlay(image, rec.routes(rec.steps[-1])[0], result.grid).save(tmp, format="PNG")
+                overlay.save(tmp, format="PNG")
         command = cli_command(
             self.source, request, folder / "cli.png", folder / "cli_routing" if grid_path is not None else None
         )

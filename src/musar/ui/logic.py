@@ -34,6 +34,7 @@ def _generate_option(dest: str) -> tuple[tuple[str, ...], Any]:
 
 ATTENTION_BACKENDS, DEFAULT_ATTENTION = _generate_option("attention")
 CONDITION_FITS, DEFAULT_CONDITION_FIT = _generate_option("condition_fit")
+OUTSIDE_BOXES, DEFAULT_OUTSIDE_BOXES = _generate_option("outside_boxes")
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed accepts up to a signed 64-bit value
 
 
@@ -90,6 +91,8 @@ class Request:
     condition_fit: str = "pad"
     dynamic_routing: bool = True
     attention: str = "fast"
+    boxes: tuple[tuple[float, float, float, float] | None, ...] | None = None  # one per subject, or None
+    outside_boxes: str = "all"
 
 
 def _whole(value: Any, name: str, problems: list[Problem]) -> int | None:
@@ -148,11 +151,15 @@ def _check_numbers(
     return h, w, n_steps, g, s, cs
 
 
-def _check_subjects(prompt: str, rows: Sequence[tuple[str | None, str | None]], problems: list[Problem]) -> list[tuple[str, str]]:
+def _check_subjects(
+    prompt: str, rows: Sequence[tuple[str | None, str | None]], problems: list[Problem]
+) -> tuple[list[tuple[str, str]], list[int]]:
+    """The complete subjects and the form rows they came from."""
     from musar.pipelines.spans import find_phrase_chars
     from musar.utils.images import load_reference
 
     subjects: list[tuple[str, str]] = []
+    used: list[int] = []
     matched: list[str] = []
     for k, (image, phrase) in enumerate(rows):
         phrase = (phrase or "").strip()
@@ -172,9 +179,76 @@ def _check_subjects(prompt: str, rows: Sequence[tuple[str | None, str | None]], 
                 matched.append(phrase)
         if image_ok and phrase_ok:
             subjects.append((str(image), phrase))
+            used.append(k)
     if not rows or all(not image and not (phrase or "").strip() for image, phrase in rows):
         problems.append(Problem("add at least one subject: a reference image and its phrase"))
-    return subjects
+    return subjects, used
+
+
+def _check_boxes(
+    texts: Sequence[str | None], used: list[int], height: int | None, width: int | None,
+    dynamic_routing: bool, outside_boxes: str, problems: list[Problem],
+) -> tuple[tuple[float, float, float, float] | None, ...] | None:
+    """Each row's box field as a checked box (blank = no box), problems named by their row."""
+    from musar.models.boxes import check_box, parse_box_text
+
+    boxes: dict[int, tuple[float, float, float, float] | None] = {}
+    for k, text in enumerate(texts):
+        try:
+            box = parse_box_text(text)
+            if box is not None and height is not None and width is not None:
+                box = check_box(box, height, width, name="box")
+            boxes[k] = box
+        except MusarError as e:
+            problems.append(Problem(str(e), k))
+    flagged = {p.subject for p in problems}
+    for k, box in boxes.items():
+        if box is not None and k not in used and k not in flagged:
+            problems.append(Problem("this box has no subject: add its reference image and phrase, or clear the box", k))
+    given = any(b is not None for b in boxes.values()) or len(boxes) < len(texts)
+    if not given:
+        if outside_boxes != "all":
+            problems.append(Problem(f"'outside boxes: {outside_boxes}' needs at least one subject box"))
+        return None
+    if not dynamic_routing:
+        problems.append(Problem("boxes steer dynamic routing, which is switched off: tick Dynamic routing or clear the boxes"))
+    return tuple(boxes.get(k) for k in used)
+
+
+def box_preview(
+    texts: Sequence[str | None], labels: Sequence[str | None], height: Any, width: Any, size: int = 256
+) -> Any:
+    """A PIL picture of the boxes typed so far on an image of the chosen aspect (None if no box).
+
+    Boxes that do not parse yet are left out: the form reports them when Generate is pressed.
+    """
+    from PIL import Image, ImageDraw
+
+    from musar.models.boxes import parse_box_text
+    from musar.pipelines.routing_maps import draw_boxes, subject_colour
+
+    boxes = []
+    for text in texts:
+        try:
+            boxes.append(parse_box_text(text))
+        except MusarError:
+            boxes.append(None)
+    boxes = [b if b is not None and all(0 <= v <= 1 for v in b) and b[2] > b[0] and b[3] > b[1] else None for b in boxes]
+    if not any(boxes):
+        return None
+    try:
+        aspect = float(height) / float(width)
+    except (TypeError, ValueError, ZeroDivisionError):
+        aspect = 1.0
+    aspect = aspect if math.isfinite(aspect) and 0.1 < aspect < 10 else 1.0
+    canvas = Image.new("RGB", (size, max(16, round(size * aspect))), (245, 245, 245))
+    draw_boxes(canvas, boxes, width=3)
+    draw = ImageDraw.Draw(canvas)
+    for k, box in enumerate(boxes):
+        if box is not None:
+            label = f"{k + 1}: {(labels[k] if k < len(labels) else None) or ''}"[:28]
+            draw.text((box[0] * canvas.width + 6, box[1] * canvas.height + 5), label, fill=subject_colour(k))
+    return canvas
 
 
 def check_request(
@@ -189,14 +263,24 @@ def check_request(
     condition_fit: str = DEFAULT_CONDITION_FIT,
     dynamic_routing: bool = True,
     attention: str = DEFAULT_ATTENTION,
+    boxes: Sequence[str | None] | None = None,
+    outside_boxes: str = DEFAULT_OUTSIDE_BOXES,
 ) -> tuple[Request | None, list[Problem]]:
-    """The form's values as a :class:`Request`, or None with every problem found (not just the first)."""
+    """The form's values as a :class:`Request`, or None with every problem found (not just the first).
+
+    ``boxes``: each row's box field as typed ("x0 y0 x1 y1" fractions; blank = no box).
+    """
     problems: list[Problem] = []
     prompt = (prompt or "").strip()
     if not prompt:
         problems.append(Problem("the prompt is empty"))
-    subjects = _check_subjects(prompt, rows, problems)
+    subjects, used = _check_subjects(prompt, rows, problems)
     h, w, n_steps, g, s, cs = _check_numbers(height, width, steps, guidance, seed, condition_size, problems)
+    if outside_boxes not in OUTSIDE_BOXES:
+        problems.append(Problem(f"unknown outside-boxes policy {outside_boxes!r}; expected one of {list(OUTSIDE_BOXES)}"))
+    checked_boxes = _check_boxes(
+        list(boxes or [None] * len(rows)), used, h, w, bool(dynamic_routing), outside_boxes, problems
+    )
     if condition_fit not in CONDITION_FITS:
         problems.append(Problem(f"unknown reference fit {condition_fit!r}; expected one of {list(CONDITION_FITS)}"))
     if attention not in ATTENTION_BACKENDS:
@@ -205,7 +289,8 @@ def check_request(
         return None, problems
     assert h is not None and w is not None and n_steps is not None and g is not None and s is not None and cs is not None
     request = Request(
-        prompt, tuple(subjects), h, w, n_steps, g, s, cs, condition_fit, bool(dynamic_routing), attention
+        prompt, tuple(subjects), h, w, n_steps, g, s, cs, condition_fit, bool(dynamic_routing), attention,
+        checked_boxes, outside_boxes,
     )
     return request, []
 
@@ -234,7 +319,13 @@ def cli_command(
 ) -> str:
     """A ``musar generate`` command line that reproduces ``request``'s image, one option a line."""
     lines: list[list[str]] = [["musar", "generate"], source.cli_args(), ["--prompt", request.prompt]]
-    lines += [["--subject", str(Path(image).resolve()), phrase] for image, phrase in request.subjects]
+    boxes = request.boxes or (None,) * len(request.subjects)
+    for (image, phrase), box in zip(request.subjects, boxes):
+        # repr() of a float reads back as the same float: the command reproduces the boxes exactly
+        box_args = [] if request.boxes is None else ["--box", *(["none"] if box is None else [repr(v) for v in box])]
+        lines.append(["--subject", str(Path(image).resolve()), phrase, *box_args])
+    if request.boxes is not None and request.outside_boxes != "all":
+        lines.append(["--outside-boxes", request.outside_boxes])
     lines += [
         ["--height", str(request.height), "--width", str(request.width)],
         ["--steps", str(request.steps), "--guidance", repr(request.guidance), "--seed", str(request.seed)],
@@ -264,14 +355,17 @@ class Record:
         r = self.request
         phrases = ", ".join(p for _, p in r.subjects)
         routing = "dynamic" if r.dynamic_routing else "static"
+        boxes = "" if r.boxes is None else f" · boxes (outside: {r.outside_boxes})"
         return (
             f"#{self.index} · {r.width}x{r.height} · {r.steps} steps · guidance {r.guidance:g} · seed {r.seed} · "
-            f"{routing} routing, {r.attention} · {phrases}"
+            f"{routing} routing, {r.attention}{boxes} · {phrases}"
         )
 
     def params(self) -> dict[str, Any]:
         """Everything that made this image, for the gallery's detail view and params.json."""
         out = asdict(self)
         out["request"]["subjects"] = [{"image": i, "phrase": p} for i, p in self.request.subjects]
+        boxes = self.request.boxes
+        out["request"]["boxes"] = None if boxes is None else [None if b is None else list(b) for b in boxes]
         out["timings"] = {k: round(v, 3) for k, v in self.timings.items()}
         return out
