@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -9,8 +11,10 @@ from musar.models.layout import Kind, TokenLayout
 from musar.models.routing import (
     RoutingOptions,
     kept_fraction,
+    no_condition,
     routed_mask,
     routes_from_affinity,
+    routing_accuracy,
     span_weights,
     static_mask,
     subject_affinity,
@@ -92,6 +96,12 @@ def test_routed_mask_restricts_noise_rows_only() -> None:
     per_head = routed_mask(lay, torch.stack([routes, 1 - routes], dim=1))
     assert per_head.shape == (1, 2, lay.total, lay.total)
     assert kept_fraction(m) < kept_fraction(base)
+    # Route c = no condition: PROMPT and NOISE stay visible, every condition is masked.
+    none = routed_mask(lay, torch.tensor([[0, no_condition(2), 1, 0]]))[0, 0]
+    row = none[x0 + 1]
+    assert bool(row[lay.prompt_slice].all() and row[lay.noise_slice].all())
+    assert not any(bool(row[s].any()) for k in range(2) for s in lay.cond_slices(k))
+    assert torch.equal(none[x0], m[x0]) and torch.equal(none[x0 + 2], m[x0 + 2])
 
 
 def test_span_weights_average_over_span() -> None:
@@ -134,3 +144,23 @@ def test_routing_options_validate() -> None:
     opts = RoutingOptions(start_layer=2, start_step=1)
     assert not opts.dynamic_active(1, 5, 2) and not opts.dynamic_active(3, 0, 2)
     assert opts.dynamic_active(2, 1, 2) and not opts.dynamic_active(2, 1, 1)
+    # Given routes (boxes) act for one subject too, under the same layer/step gate.
+    assert opts.dynamic_active(2, 1, 1, given=True) and not opts.dynamic_active(1, 1, 1, given=True)
+    assert not RoutingOptions(dynamic=False).dynamic_active(5, 5, 2, given=True)
+
+
+def test_routing_accuracy_on_constructed_routes() -> None:
+    labels = torch.tensor([[0, 0, 0, 1, 1, -1], [1, 1, 0, 0, -1, -1]])
+    routes = torch.tensor([[0, 0, 1, 1, 2, 0], [1, 0, 0, 0, 1, 1]])  # 2 = no condition (c = 2)
+    acc = routing_accuracy(routes, labels)
+    assert acc.labelled == 9
+    assert acc.overall == pytest.approx(6 / 9)
+    assert acc.per_subject == {0: pytest.approx(4 / 5), 1: pytest.approx(2 / 4)}
+    # Per-head routes: every head is counted against the same labels.
+    heads = torch.stack([routes, labels.clamp(min=0)], dim=1)
+    per_head = routing_accuracy(heads, labels)
+    assert per_head.labelled == 18 and per_head.overall == pytest.approx((6 + 9) / 18)
+    assert routing_accuracy(torch.tensor([1, 0]), torch.tensor([1, 0])).overall == 1.0  # unbatched
+    assert math.isnan(routing_accuracy(routes, torch.full_like(labels, -1)).overall)
+    with pytest.raises(ValueError, match="do not match"):
+        routing_accuracy(routes, labels[:, :3])

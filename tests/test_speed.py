@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from musar.cli.bench import add_parser
 from musar.lora import BranchLoRAConfig, inject_branch_lora
+from musar.models.boxes import box_candidates
 from musar.models.flex import FlexPlan, FlexStatics, flex_plan, flex_routed_attention, flex_statics
 from musar.models.layout import TokenLayout
 from musar.models.routing import (
@@ -47,6 +48,20 @@ def _spans(c: int) -> list[list[tuple[int, int]]]:
     return [[(k, 1) for k in range(c)], [(7 - k, 1) for k in range(c)]]
 
 
+# Layout boxes on make_inputs' 4 x 4 noise grid: quadrants plus a centre box overlapping them;
+# the bottom-right corner is outside every box.
+BOXES = [(0.0, 0.0, 0.5, 0.5), (0.5, 0.0, 1.0, 0.5), (0.0, 0.5, 0.5, 1.0), (0.25, 0.25, 0.75, 0.75)]
+
+
+def _with_boxes(inputs: dict, case: dict) -> dict:
+    """Give the case's conditions the route candidates of its boxes (case["boxes"] = outside policy)."""
+    if "boxes" in case:
+        cond = inputs["conditions"]
+        batch = inputs["hidden_states"].shape[0]
+        cond.candidates = box_candidates(BOXES[: cond.num], (4, 4), case["boxes"])[None].expand(batch, -1, -1)
+    return inputs
+
+
 # ---- condition K/V cache -------------------------------------------------------------------
 
 
@@ -60,12 +75,19 @@ CACHE_CASES = [
     dict(c=1, opts={}, lora=True),
     dict(c=2, opts={}, lora=True),
     dict(c=3, opts={"per_head": True}, lora=True),
+    dict(c=1, opts={}, boxes="all"),
+    dict(c=2, opts={}, boxes="none"),
+    dict(c=3, opts={"per_head": True}, boxes="all"),
+    dict(c=4, opts={"backend": "reference"}, boxes="none"),
+    dict(c=2, opts={"backend": "flex"}, boxes="none"),
+    dict(c=3, opts={}, lora=True, boxes="none"),
 ]
 
 
 def _case_id(case: dict) -> str:
     opts = "-".join(f"{k}={v}" for k, v in case["opts"].items()) or "default"
-    return f"c{case['c']}-{opts}{'-lora' if case.get('lora') else ''}"
+    boxes = f"-boxes={case['boxes']}" if "boxes" in case else ""
+    return f"c{case['c']}-{opts}{'-lora' if case.get('lora') else ''}{boxes}"
 
 
 @pytest.mark.parametrize("case", CACHE_CASES, ids=_case_id)
@@ -77,7 +99,7 @@ def test_cached_forward_equals_uncached(model: MusarTransformer, case: dict) -> 
                 if p.requires_grad:
                     p.normal_(std=0.05)
     opts = RoutingOptions(independent_conditions=True, **case["opts"])
-    inputs = make_inputs(model, batch=2, num_conditions=case["c"], spans=_spans(case["c"]))
+    inputs = _with_boxes(make_inputs(model, batch=2, num_conditions=case["c"], spans=_spans(case["c"])), case)
     cond = inputs.pop("conditions")
     with torch.no_grad():
         cache = model.build_condition_cache(cond, inputs["pooled_projections"], inputs["guidance"], routing=opts)
@@ -129,7 +151,7 @@ LAYOUTS = [
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda lay: f"c{lay.num_conditions}")
-@pytest.mark.parametrize("routing", ["none", "mean", "per_head"])
+@pytest.mark.parametrize("routing", ["none", "mean", "per_head", "mean_with_no_condition"])
 @pytest.mark.parametrize(
     ("rules", "cached"),
     [({}, False), ({"independent_conditions": True}, False), ({"static": False}, False), ({"independent_conditions": True}, True)],
@@ -139,7 +161,9 @@ def test_flex_block_lists_match_dense_reference(layout: TokenLayout, routing: st
     g = torch.Generator().manual_seed(layout.total)
     b, h, c = 2, 3, layout.num_conditions
     routes = None
-    if routing != "none" and c >= 2:
+    if routing == "mean_with_no_condition":  # given routes: route c reads no condition, any c >= 1
+        routes = torch.randint(0, c + 1, (b, layout.noise), generator=g)
+    elif routing != "none" and c >= 2:
         routes = torch.randint(0, c, (b, layout.noise) if routing == "mean" else (b, h, layout.noise), generator=g)
     q_map, k_map = (SegmentMap.main_rows(layout), SegmentMap.cached_keys(layout)) if cached else (SegmentMap.of(layout),) * 2
     ref = routed_mask(layout, routes, **rules).expand(b, -1, -1, -1)
@@ -177,12 +201,15 @@ def test_grouping_makes_whole_key_blocks_drop_out() -> None:
 
 # independent_conditions runs through flex in the cache test (c2-backend=flex); c = 1 and every
 # rule set are covered block by block above. Eager CPU flex is slow, so only these here.
-FLEX_CASES = [dict(c=2, opts={}), dict(c=3, opts={"per_head": True}), dict(c=3, opts={"static": False})]
+FLEX_CASES = [
+    dict(c=2, opts={}), dict(c=3, opts={"per_head": True}), dict(c=3, opts={"static": False}),
+    dict(c=1, opts={}, boxes="all"), dict(c=4, opts={"per_head": True}, boxes="none"),
+]
 
 
 @pytest.mark.parametrize("case", FLEX_CASES, ids=_case_id)
 def test_flex_equals_reference_forward(model: MusarTransformer, case: dict) -> None:
-    inputs = make_inputs(model, batch=2, num_conditions=case["c"], spans=_spans(case["c"]))
+    inputs = _with_boxes(make_inputs(model, batch=2, num_conditions=case["c"], spans=_spans(case["c"])), case)
     with torch.no_grad():
         ref = model(**inputs, routing=RoutingOptions(backend="reference", **case["opts"])).sample
         flex = model(**inputs, routing=RoutingOptions(backend="flex", **case["opts"])).sample
@@ -313,12 +340,15 @@ def _cuda_inputs(inputs: dict) -> dict:
     for name in ("image_latents", "text_embeds", "image_ids"):
         setattr(cond, name, [t.cuda() for t in getattr(cond, name)])
     cond.spans = cond.spans.cuda()
+    if cond.candidates is not None:
+        cond.candidates = cond.candidates.cuda()
     return out
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", [dict(c=2, opts={}), dict(c=3, opts={"per_head": True}),
-                                  dict(c=2, opts={"independent_conditions": True})], ids=_case_id)
+                                  dict(c=2, opts={"independent_conditions": True}),
+                                  dict(c=3, opts={}, boxes="none"), dict(c=1, opts={}, boxes="all")], ids=_case_id)
 def test_gpu_flex_model_forward_backward_with_lora(tiny_flux_config: dict, case: dict) -> None:
     """The training path on CUDA: flex (compiled) equals reference, outputs and LoRA gradients."""
     torch.manual_seed(0)
@@ -328,7 +358,7 @@ def test_gpu_flex_model_forward_backward_with_lora(tiny_flux_config: dict, case:
         for p in model.parameters():
             if p.requires_grad:
                 p.normal_(std=0.05)
-    inputs = make_inputs(model, batch=2, num_conditions=case["c"], spans=_spans(case["c"]))
+    inputs = _with_boxes(make_inputs(model, batch=2, num_conditions=case["c"], spans=_spans(case["c"])), case)
     inputs = _cuda_inputs(inputs)
     results = []
     for backend in ("reference", "flex"):

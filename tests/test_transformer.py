@@ -11,6 +11,7 @@ from diffusers import FluxTransformer2DModel
 
 from musar.lora import BranchLoRAConfig, inject_branch_lora
 from musar.models.attention import LayerRouting, RouteRecord, RoutingContext
+from musar.models.boxes import box_candidates
 from musar.models.layout import TokenLayout
 from musar.models.routing import RoutingOptions
 from musar.models.transformer import MusarTransformer
@@ -198,10 +199,21 @@ CASES = [
     dict(c=2, opts={"per_head": True}),
     dict(c=3, opts={"independent_conditions": True}),
     dict(c=2, opts={"static": False}),
+    # Layout boxes (given routes): quadrant boxes plus an overlapping centre box on the 4 x 4 grid.
+    dict(c=1, opts={}, boxes="all"),
+    dict(c=2, opts={}, boxes="none"),
+    dict(c=4, opts={"per_head": True}, boxes="all"),
+    dict(c=3, opts={"independent_conditions": True}, boxes="none"),
+    dict(c=2, opts={"static": False}, boxes="all"),
 ]
+BOXES = [(0.0, 0.0, 0.5, 0.5), (0.5, 0.0, 1.0, 0.5), (0.0, 0.5, 0.5, 1.0), (0.25, 0.25, 0.75, 0.75)]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"c{c['c']}-{'-'.join(c['opts']) or 'default'}")
+def _case_name(case: dict) -> str:
+    return f"c{case['c']}-{'-'.join(case['opts']) or 'default'}" + (f"-boxes_{case['boxes']}" if "boxes" in case else "")
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_name)
 def test_fast_equals_reference_forward_and_backward(model: MusarTransformer, case: dict) -> None:
     inject_branch_lora(model, BranchLoRAConfig(noise_rank=2, subject_rank=4))
     for p in model.parameters():
@@ -209,6 +221,13 @@ def test_fast_equals_reference_forward_and_backward(model: MusarTransformer, cas
             torch.nn.init.normal_(p, std=0.05)
     spans = [[(k, 1) for k in range(case["c"])], [(7 - k, 1) for k in range(case["c"])]]
     inputs = make_inputs(model, batch=2, num_conditions=case["c"], spans=spans)
+    if "boxes" in case:
+        cand = box_candidates(BOXES[: case["c"]], (4, 4), case["boxes"])[None].expand(2, -1, -1)
+        with torch.no_grad():  # the boxes must matter here, or the comparison below proves nothing
+            free = model(**inputs, routing=RoutingOptions(**case["opts"])).sample
+            inputs["conditions"].candidates = cand
+            boxed = model(**inputs, routing=RoutingOptions(**case["opts"])).sample
+        assert not torch.allclose(free, boxed, atol=1e-4)
     results = {}
     for backend in ("reference", "fast"):
         m = copy.deepcopy(model).train()
