@@ -267,3 +267,15 @@ def test_bad_boxes_exit_2_with_one_line(images: list[Path], tmp_path: Path) -> N
         errors = [line for line in proc.stderr.splitlines() if "error:" in line]
         assert len(errors) == 1 and message in errors[0], (message, proc.stderr[-2000:])
         assert "RANDOM weights" not in proc.stderr  # refused before the model was built
+
+
+def test_recorder_counts_the_routes_every_layer_and_head_took() -> None:
+    from musar.pipelines.routing_maps import RoutingRecorder
+
+    rec = RoutingRecorder()
+    aff = torch.zeros(1, 2, 4, 2)  # (B, H, n, c): per-head records
+    rec(RouteRecord(0, 0, aff, torch.tensor([[[0, 0, 1, 2], [0, 1, 1, 2]]])))
+    rec(RouteRecord(1, 0, aff, torch.tensor([[[0, 0, 0, 2], [0, 0, 1, 2]]])))
+    assert rec.route_share() == {"steps": [0], "subjects": [[0.5], [0.25]], "no_condition": [0.25]}
+    assert rec.routes(0).tolist() == [[0, 0, 1, 2]]  # most frequent over layers and heads, ties to the lower
+    assert rec.affinity(0).shape == (1, 4, 2)

@@ -2,6 +2,7 @@
 
 * :mod:`~musar.models.layout` — which token sits where (pure data);
 * :mod:`~musar.models.routing` — static and dynamic routing as pure functions;
+* :mod:`~musar.models.boxes` — layout boxes -> per-token route candidates (pure);
 * :mod:`~musar.models.attention` — the attention processor and the ``fast`` / ``reference`` backends;
 * :mod:`~musar.models.flex` — the FlexAttention backend;
 * :mod:`~musar.models.blocks` — FLUX block forwards with per-token-kind modulation;
@@ -17,6 +18,9 @@ _EXPORTS: dict[str, str] = {
     "TokenLayout": "musar.models.layout",
     "Kind": "musar.models.layout",
     "RoutingOptions": "musar.models.routing",
+    "routing_accuracy": "musar.models.routing",
+    "box_candidates": "musar.models.boxes",
+    "check_boxes": "musar.models.boxes",
     "MusarAttnProcessor": "musar.models.attention",
     "RouteRecord": "musar.models.attention",
     "ConditionCache": "musar.models.cache",

@@ -5,7 +5,9 @@ It computes q/k/v with the module's own projections, RMSNorms and diffusers' RoP
 them to :class:`LayerRouting`, which
 
 1. derives each NOISE query's route from the *same* q/k (dynamic routing, DESIGN sec. 4), as
-   one fused attention call (:func:`~musar.models.routing.subject_affinity_fused`), and
+   one fused attention call (:func:`~musar.models.routing.subject_affinity_fused`), restricted
+   to the token's given route candidates if any (layout boxes, DESIGN sec. 4a; a token without
+   candidates gets the "no condition" route, which every backend below honours), and
 2. runs the attention under the routing rules with one of the backends:
 
 * ``reference`` — a dense boolean (B, H|1, L, L) mask into SDPA. Obviously correct, slow.
