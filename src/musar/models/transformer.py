@@ -53,8 +53,9 @@ class ConditionInputs:
             raise ValueError("conditions need as many text embeddings and id grids as image latents")
         if self.spans is not None and self.spans.shape[1] != c:
             raise ValueError(f"spans describe {self.spans.shape[1]} subjects for {c} conditions")
-        if self.candidates is not None and (self.candidates.dim() != 3 or self.candidates.shape[2] != c):
-            raise ValueError(f"route candidates must be (B, n, {c}) booleans, got shape {tuple(self.candidates.shape)}")
+        cand = self.candidates
+        if cand is not None and (cand.dim() != 3 or cand.shape[2] != c or cand.dtype != torch.bool):
+            raise ValueError(f"route candidates must be (B, n, {c}) booleans, got {cand.dtype} {tuple(cand.shape)}")
 
     @property
     def num(self) -> int:
