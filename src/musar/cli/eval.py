@@ -234,6 +234,10 @@ def run_command(args: argparse.Namespace) -> int:
     if missing:
         raise MusarError(f"{', '.join(missing)} required (or use 'musar eval compare DIR...')")
     cases = build_cases(args.protocol, args.data, args.limit)
+    from musar.utils.images import check_image
+
+    for path in sorted({p for case in cases for s in case.subjects for p in (s.image, *s.metric_references)}):
+        check_image(path)  # headers only: a bomb or a non-image fails now, not hours in
     settings = _settings(args)
     metrics = None
     if not args.skip_metrics:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -34,7 +34,16 @@ def open_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> I
     image costs nothing. Any failure to decode (truncated, corrupt, a decompression bomb, a
     format Pillow trips over) is the same one-line error: user files are untrusted input.
     """
-    path = Path(path)
+    return _read(Path(path), max_pixels, decode=True)
+
+
+def check_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> tuple[int, int]:
+    """(width, height) of an image file from its header alone, within the pixel limit, or the
+    one-line error :func:`open_image` would give. Cheap: nothing is decoded."""
+    return _read(Path(path), max_pixels, decode=False)
+
+
+def _read(path: Path, max_pixels: int | None, decode: bool) -> Any:
     limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     if not path.exists():
         raise MusarError(f"reference image not found: {path}")
@@ -51,6 +60,8 @@ def open_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> I
                         f"image too large: {path} is {width}x{height} ({width * height:,} pixels), "
                         f"above the limit of {limit:,} pixels (--max-image-pixels)"
                     )
+                if not decode:
+                    return width, height
                 im.load()  # decode now: a truncated file fails here, not mid-generation
                 return im.copy()
     except MusarError:
