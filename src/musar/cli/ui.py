@@ -94,3 +94,9 @@ def run(args: argparse.Namespace) -> int:
     launch(studio, host=args.host, port=args.port, share=args.share)
     return 0
 
+
+
+if __name__ == "__main__":  # `python -m musar.cli.ui [options]`, as the browser test starts the app
+    from musar.cli import main
+
+    sys.exit(main(["ui", *sys.argv[1:]]))
