@@ -185,7 +185,7 @@ def test_cli_with_fake_pipeline(
     cli.add_parser(parser.add_subparsers(dest="command"))
     out = tmp_path / "cli"
     common = ["eval", "--protocol", "dreambench-multi", "--data", str(DREAMBENCH), "--preset", "tiny"]
-    common += ["--limit", "1", "--seeds", "3", "--height", "16", "--width", "24", "--skip-metrics"]
+    common += ["--limit", "1", "--seeds", "3", "--height", "64", "--width", "80", "--skip-metrics"]
     args = parser.parse_args([*common, "--ablation", "no-dynamic-routing", "--out", str(out)])
     assert args.func(args) == 0
     assert seen["load"] == {
@@ -202,7 +202,7 @@ def test_cli_with_fake_pipeline(
         and len(call["subjects"]) == 2
     )
     assert call["attention"] == "fast" and call["progress"] is False
-    assert Image.open(out / "images" / "pair00-backpack+cat_s3.png").size == (24, 16)
+    assert Image.open(out / "images" / "pair00-backpack+cat_s3.png").size == (80, 64)
     assert "| preset tiny [no-dynamic-routing] |" in capsys.readouterr().out
 
     args = parser.parse_args([*common, "--ablation", "single-lora", "--out", str(tmp_path / "x")])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -53,6 +54,7 @@ def test_generate_writes_image_sidecar_and_maps(images: dict[str, Path], tmp_pat
     assert [s["phrase"] for s in side["subjects"]] == PHRASES[:c]
     assert {"encode_s", "denoise_s", "total_s", "load_s"} <= side["timings_s"].keys()
     assert side["lora"] is None and side["dynamic_routing"] is True
+    assert side["image_sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()  # the sidecar is this image's
     if c >= 2:
         assert Image.open(maps / "routing_grid.png").size[0] > 0
         assert Image.open(maps / "route_overlay.png").size == (64, 64)
@@ -94,9 +96,9 @@ def test_bad_inputs_exit_2_with_one_line(images: dict[str, Path], tmp_path: Path
         "'a cat' does not appear": ["--prompt", PROMPT, "--subject", a, "a cat", *out],
         "overlaps another subject phrase": [*ok, "--subject", a, "corgi", *out],
         "expected 2 arguments": ["--prompt", PROMPT, "--subject", a, *out],
-        "height must be a multiple of 16": [*ok, "--height", "100", *out],
-        "width must be between": [*ok, "--width", "8192", *out],
-        "steps must be >= 1": [*ok, "--steps", "0", *out],
+        "argument --height: must be a multiple of 16": [*ok, "--height", "100", *out],
+        "argument --width: must be between 64 and 4096": [*ok, "--width", "8192", *out],
+        "argument --steps: must be between 1 and 1000": [*ok, "--steps", "0", *out],
         "not writable": [*ok, "--out", "/proc/musar/x.png"],
         "unknown preset 'huge'": ["--prompt", PROMPT, "--subject", a, "a corgi", "--preset", "huge", *out],
         "does not match the model": [*ok, "--lora", str(wrong_lora), *out],

@@ -114,6 +114,11 @@ def test_resume_continues_exactly(tmp_path: Path, straight: TrainResult) -> None
     opt_a = load_file(str(straight.checkpoint / "optimizer.safetensors"))
     opt_b = load_file(str(resumed.checkpoint / "optimizer.safetensors"))
     assert all(torch.equal(opt_a[k], opt_b[k]) for k in opt_a)
+    # ...and so do the global RNG states (a DataLoader iterator created at the resume step used to
+    # draw an extra seed from the torch RNG).
+    rng_a, rng_b = lora_of(straight.checkpoint / "rng_rank0.safetensors"), lora_of(resumed.checkpoint / "rng_rank0.safetensors")
+    assert rng_a.keys() == rng_b.keys() and all(torch.equal(rng_a[k], rng_b[k]) for k in rng_a)
+    assert (straight.checkpoint / "rng_rank0.json").read_text() == (resumed.checkpoint / "rng_rank0.json").read_text()
     # The log of the resumed run reads like the uninterrupted one.
     assert [r["loss"] for r in read_metrics(tmp_path)] == [r["loss"] for r in read_metrics(straight.output_dir)]
 

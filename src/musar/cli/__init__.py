@@ -3,7 +3,8 @@
 Only the chosen subcommand's module is imported, and each subcommand module imports nothing
 heavy (torch, diffusers, gradio, datasets) until its ``run`` function is called, so ``musar
 --help`` and ``musar X --help`` do not pay for a model stack they will not use. A user error
-(:class:`~musar.errors.MusarError`) becomes one line on stderr and exit code 2.
+(:class:`~musar.errors.MusarError`) becomes one line on stderr and exit code 2. Every argument is
+checked (:mod:`musar.cli.args`) before the command's ``run`` starts.
 
 Subcommands are registered by module name: ``add_parser(subparsers)`` builds the parser and sets
 ``func(args) -> int``. The miniature world's ``toy`` command lives in its own package and is
@@ -17,6 +18,7 @@ import importlib
 import sys
 from collections.abc import Collection, Sequence
 
+from musar.cli.args import validate
 from musar.errors import MusarError
 
 # name -> (module providing `add_parser(subparsers)`, one-line help shown by `musar --help`)
@@ -63,6 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser([command] if command else [])
     args = parser.parse_args(argv)
     try:
+        validate(args)  # every argument's deferred checks, before the command imports anything heavy
         return int(args.func(args) or 0)
     except MusarError as e:
         print(f"musar {args.command}: error: {e}", file=sys.stderr)

@@ -5,29 +5,44 @@ from __future__ import annotations
 import argparse
 
 from musar.bench.settings import MODES, PRESETS
+from musar.cli.args import add, value
 from musar.utils.dtypes import DTYPE_NAMES
+from musar.utils.validation import (
+    BENCH_SIZE,
+    CONDITION_SIZE,
+    REFS,
+    REPEATS,
+    SEED,
+    THREADS,
+    TOKENS,
+    WARMUP,
+    check_output_files,
+    device_name,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="time MUSAR's forward and routed attention against plain FLUX")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="model (default: flux-dev-random with CUDA, else tiny)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: the preset's)")
-    p.add_argument("--refs", type=int, nargs="+", default=None, help="numbers of references c to run (0 = plain FLUX)")
-    p.add_argument("--height", type=int, default=None, help="output height in pixels (16 px per token)")
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--cond-size", type=int, default=None, help="square reference size in pixels")
-    p.add_argument("--prompt-len", type=int, default=None, help="main prompt tokens (FLUX: 512)")
-    p.add_argument("--phrase-len", type=int, default=None, help="tokens per subject phrase (default 32)")
-    p.add_argument("--repeats", "--steps", type=int, default=None, help="timed calls per measurement (median reported)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed calls first (compilation, autotuning)")
-    p.add_argument("--modes", nargs="+", choices=MODES, default=None, help="forward modes (default: all; flex only on CUDA)")
-    p.add_argument("--sdpa", choices=["default", "flash", "efficient", "cudnn", "math"], default="default",
-                   help="force one SDPA kernel for the forward benchmarks")
-    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None)
-    p.add_argument("--no-attention", action="store_true", help="skip the attention microbenchmark")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="results JSON (written atomically)")
+    add(p, "--preset", choices=sorted(PRESETS), default=None, help="model (default: flux-dev-random with CUDA, else tiny)")
+    add(p, "--device", type=device_name, default=None, help="cpu, cuda or cuda:N (default: the preset's)")
+    add(p, "--refs", type=REFS, nargs="+", default=None,
+        help=f"numbers of references c to run (0 = plain FLUX; each {REFS.describe()})")
+    add(p, "--height", type=BENCH_SIZE, default=None, help=f"output height in pixels ({BENCH_SIZE.describe()})")
+    add(p, "--width", type=BENCH_SIZE, default=None, help=f"output width in pixels ({BENCH_SIZE.describe()})")
+    add(p, "--cond-size", type=CONDITION_SIZE, default=None, help=f"square reference size ({CONDITION_SIZE.describe()})")
+    add(p, "--prompt-len", type=TOKENS, default=None, help="main prompt tokens (FLUX: 512)")
+    add(p, "--phrase-len", type=TOKENS, default=None, help="tokens per subject phrase (default 32)")
+    add(p, "--repeats", "--steps", type=REPEATS, default=None, help="timed calls per measurement (median reported)")
+    add(p, "--warmup", type=WARMUP, default=None, help="untimed calls first (compilation, autotuning)")
+    add(p, "--modes", nargs="+", choices=MODES, default=None, help="forward modes (default: all; flex only on CUDA)")
+    add(p, "--sdpa", choices=["default", "flash", "efficient", "cudnn", "math"], default="default",
+        help="force one SDPA kernel for the forward benchmarks")
+    add(p, "--dtype", choices=DTYPE_NAMES, default=None)
+    add(p, "--no-attention", action="store_true", help="skip the attention microbenchmark")
+    add(p, "--threads", type=THREADS, default=None, help="CPU threads for torch (default: torch's choice)")
+    add(p, "--seed", type=SEED, default=0, help=SEED.describe())
+    add(p, "--out", required=True, check=value(lambda f: check_output_files([f])),
+        help="results JSON (written atomically)")
     p.set_defaults(func=run)
 
 

@@ -19,8 +19,23 @@ from typing import Any
 
 from PIL import Image
 
+from musar.cli.args import add, each, value
 from musar.errors import MusarError
 from musar.eval.protocols import DEFAULT_SEEDS, PROTOCOLS, build_cases
+from musar.utils.validation import (
+    COUNT,
+    GUIDANCE,
+    HEIGHT,
+    METRICS_BATCH,
+    SEED,
+    STEPS,
+    WIDTH,
+    check_input_dir,
+    check_lora_file,
+    check_model_source,
+    check_output_dir,
+    check_preset_name,
+)
 
 
 @dataclass(frozen=True)
@@ -51,6 +66,9 @@ ABLATIONS: Mapping[str, Ablation] = MappingProxyType(
 )
 
 
+ATTENTION_BACKENDS = ("auto", "fast", "flex", "reference")  # as musar generate --attention
+
+
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "eval",
@@ -59,34 +77,53 @@ def add_parser(subparsers: Any) -> None:
         "summary.json, table.md and image grids under --out. 'musar eval compare DIR...' prints one "
         "table across finished runs.",
     )
-    p.add_argument("--protocol", choices=PROTOCOLS, help="which cases to run")
-    p.add_argument("--data", help="DreamBench folder (dreambench-*) or JSON cases file (custom)")
+    add(p, "--protocol", choices=PROTOCOLS, help="which cases to run")
+    add(p, "--data", check=value(_check_data), help="DreamBench folder (dreambench-*) or JSON cases file (custom)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", help="base model: hub id or local folder")
-    src.add_argument("--preset", help="built-in model preset, e.g. 'tiny' (random weights, for smoke tests)")
-    p.add_argument("--lora", help="MUSAR LoRA file (.safetensors)")
-    p.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS), help="default: 0 1 2 3")
-    p.add_argument("--limit", type=int, help="evaluate only the first N cases")
-    p.add_argument("--ablation", choices=list(ABLATIONS), default="none", help="paper ablation to apply")
-    p.add_argument("--dino-model", default=None, help="DINO ViT-S/16: hub id[@rev] or local folder")
-    p.add_argument("--clip-model", default=None, help="CLIP ViT-B/32: hub id[@rev] or local folder")
-    p.add_argument("--out", help="run folder (re-running the same command resumes)")
-    p.add_argument("--label", help="row name in tables (default: model + LoRA + ablation)")
-    p.add_argument("--height", type=int, default=512)
-    p.add_argument("--width", type=int, default=512)
-    p.add_argument("--steps", type=int, default=28, help="denoising steps")
-    p.add_argument("--guidance", type=float, default=3.5, help="FLUX guidance scale")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
-    p.add_argument("--attention", default="fast", help="attention backend: 'fast' or 'reference'")
-    p.add_argument("--metrics-batch-size", type=int, default=32)
-    p.add_argument("--skip-metrics", action="store_true", help="only generate images and grids")
-    p.add_argument("--no-grids", action="store_true", help="do not write per-case image grids")
+    add(src, "--model", check=value(check_model_source), help="base model: hub id or local folder")
+    add(src, "--preset", check=value(check_preset_name),
+        help="built-in model preset, e.g. 'tiny' (random weights, for smoke tests)")
+    add(p, "--lora", check=value(check_lora_file), help="MUSAR LoRA file (.safetensors)")
+    add(p, "--seeds", type=SEED, nargs="+", default=list(DEFAULT_SEEDS), check=_check_seeds,
+        help=f"default: 0 1 2 3 (each an {SEED.describe()}, no repeats)")
+    add(p, "--limit", type=COUNT, help="evaluate only the first N cases")
+    add(p, "--ablation", choices=list(ABLATIONS), default="none", help="paper ablation to apply")
+    add(p, "--dino-model", default=None, check=value(_check_metric_model),
+        help="DINO ViT-S/16: hub id[@rev] or local folder")
+    add(p, "--clip-model", default=None, check=value(_check_metric_model),
+        help="CLIP ViT-B/32: hub id[@rev] or local folder")
+    add(p, "--out", check=value(check_output_dir), help="run folder (re-running the same command resumes)")
+    add(p, "--label", help="row name in tables (default: model + LoRA + ablation)")
+    add(p, "--height", type=HEIGHT, default=512, help=HEIGHT.describe())
+    add(p, "--width", type=WIDTH, default=512, help=WIDTH.describe())
+    add(p, "--steps", type=STEPS, default=28, help=f"denoising steps ({STEPS.describe()})")
+    add(p, "--guidance", type=GUIDANCE, default=3.5, help=f"FLUX guidance scale ({GUIDANCE.describe()})")
+    add(p, "--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    add(p, "--attention", choices=ATTENTION_BACKENDS, default="fast", help="routed attention backend")
+    add(p, "--metrics-batch-size", type=METRICS_BATCH, default=32, help=METRICS_BATCH.describe())
+    add(p, "--skip-metrics", action="store_true", help="only generate images and grids")
+    add(p, "--no-grids", action="store_true", help="do not write per-case image grids")
     # One entry point for both forms: which parser's set_defaults wins for nested subparsers has
     # changed between Python releases, so dispatch on the subcommand name instead.
     p.set_defaults(func=eval_command)
     sub = p.add_subparsers(dest="eval_command", metavar="compare")
     c = sub.add_parser("compare", help="one Table-1 table across evaluation folders")
-    c.add_argument("dirs", nargs="+", help="run folders written by 'musar eval'")
+    add(c, "dirs", nargs="+", check=each(check_input_dir), help="run folders written by 'musar eval'")
+
+
+def _check_data(path: str) -> None:
+    if not Path(path).expanduser().exists():
+        raise MusarError(f"not found: {path}")
+
+
+def _check_seeds(seeds: list[int], args: argparse.Namespace) -> None:
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise MusarError(f"seeds repeat: {repeated}")
+
+
+def _check_metric_model(spec: str) -> None:
+    check_model_source(spec, "metric model", marker="config.json")
 
 
 def eval_command(args: argparse.Namespace) -> int:
@@ -187,6 +224,8 @@ def build_generator(args: argparse.Namespace) -> Any:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    # Every option was checked by musar.cli.args.validate; now the cross-option rules, then the
+    # cases, all before anything is created under --out or any model loads.
     missing = [
         flag
         for flag, value in (("--protocol", args.protocol), ("--data", args.data), ("--out", args.out))
@@ -194,11 +233,12 @@ def run_command(args: argparse.Namespace) -> int:
     ]
     if missing:
         raise MusarError(f"{', '.join(missing)} required (or use 'musar eval compare DIR...')")
-    for flag, value in (("--height", args.height), ("--width", args.width), ("--steps", args.steps)):
-        if value < 1:
-            raise MusarError(f"{flag} must be positive, got {value}")
-    settings = _settings(args)
     cases = build_cases(args.protocol, args.data, args.limit)
+    from musar.utils.images import check_image
+
+    for path in sorted({p for case in cases for s in case.subjects for p in (s.image, *s.metric_references)}):
+        check_image(path)  # headers only: a bomb or a non-image fails now, not hours in
+    settings = _settings(args)
     metrics = None
     if not args.skip_metrics:
         # Loaded before the generator so a missing metric model fails in seconds, not hours.

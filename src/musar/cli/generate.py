@@ -8,75 +8,88 @@ import time
 from pathlib import Path
 from typing import Any
 
+from musar.cli.args import add, value
 from musar.errors import MusarError
-from musar.utils.io import atomic_path, atomic_write_json, check_writable
+from musar.utils.io import atomic_path, atomic_write_json, write_image_and_sidecar
+from musar.utils.validation import (
+    CONDITION_SIZE,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    GUIDANCE,
+    HEIGHT,
+    MAX_IMAGE_PIXELS,
+    SEED,
+    STEPS,
+    WIDTH,
+    check_image_output,
+    check_lora_file,
+    check_model_source,
+    check_output_dir,
+    check_preset_name,
+    nonempty_text,
+    sidecar_path,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate an image from a prompt and reference subjects")
-    p.add_argument("--prompt", required=True, help="main prompt; must contain every subject phrase")
-    p.add_argument(
-        "--subject", nargs=2, action="append", metavar=("IMAGE", "PHRASE"), required=True,
+    add(p, "--prompt", required=True, type=nonempty_text("prompt"), help="main prompt; must contain every subject phrase")
+    add(
+        p, "--subject", nargs=2, action="append", metavar=("IMAGE", "PHRASE"), required=True, check=_check_subjects,
         help="a reference image and its phrase in the prompt (repeat for more subjects)",
     )
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", default=None, help="hub id or local folder of FLUX.1 (default black-forest-labs/FLUX.1-dev)")
-    src.add_argument("--preset", default=None, help="'tiny': random-weight toy pipeline for smoke runs (no download)")
-    p.add_argument("--lora", default=None, help="MUSAR LoRA weights (.safetensors)")
-    p.add_argument("--steps", type=int, default=28, help="denoising steps")
-    p.add_argument("--guidance", type=float, default=3.5, help="FLUX guidance scale")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--height", type=int, default=1024)
-    p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--condition-size", type=int, default=512, help="reference images are resized to this square")
-    p.add_argument("--condition-fit", choices=["pad", "crop"], default="pad", help="keep aspect by padding, or centre-crop")
-    p.add_argument("--out", default="musar.png", help="output PNG; a .json sidecar is written next to it")
-    p.add_argument("--routing-maps", default=None, metavar="DIR", help="write routing maps (Fig. 5 style) here")
-    p.add_argument("--no-dynamic-routing", action="store_true", help="static routing only")
-    p.add_argument(
-        "--box", nargs="+", action="append", metavar="COORD",
+    add(src, "--model", default=None, check=value(check_model_source),
+        help="hub id or local folder of FLUX.1 (default black-forest-labs/FLUX.1-dev)")
+    add(src, "--preset", default=None, check=value(check_preset_name),
+        help="a registered preset: 'tiny' (random weights, smoke runs) or 'toy' (no download)")
+    add(p, "--lora", default=None, check=value(check_lora_file), help="MUSAR LoRA weights (.safetensors)")
+    add(p, "--steps", type=STEPS, default=28, help=f"denoising steps ({STEPS.describe()})")
+    add(p, "--guidance", type=GUIDANCE, default=3.5, help=f"FLUX guidance scale ({GUIDANCE.describe()})")
+    add(p, "--seed", type=SEED, default=0, help=f"noise seed ({SEED.describe()})")
+    add(p, "--height", type=HEIGHT, default=1024, help=f"output height ({HEIGHT.describe()})")
+    add(p, "--width", type=WIDTH, default=1024, help=f"output width ({WIDTH.describe()})")
+    add(p, "--condition-size", type=CONDITION_SIZE, default=512,
+        help=f"reference images are resized to this square ({CONDITION_SIZE.describe()})")
+    add(p, "--condition-fit", choices=["pad", "crop"], default="pad", help="keep aspect by padding, or centre-crop")
+    add(p, "--max-image-pixels", type=MAX_IMAGE_PIXELS, default=DEFAULT_MAX_IMAGE_PIXELS,
+        help=f"refuse reference images above this many pixels, read from the header before decoding "
+             f"(default {DEFAULT_MAX_IMAGE_PIXELS:,}; at most {MAX_IMAGE_PIXELS.hi:,})")
+    add(p, "--out", default="musar.png", check=value(check_image_output),
+        help="output PNG; a .json sidecar is written next to it")
+    add(p, "--routing-maps", default=None, metavar="DIR", check=value(_check_maps_dir),
+        help="write routing maps (Fig. 5 style) here")
+    add(p, "--no-dynamic-routing", action="store_true", help="static routing only")
+    add(
+        p, "--box", nargs="+", action="append", metavar="COORD", check=_check_boxes,
         help="layout box of a subject: X0 Y0 X1 Y1 as fractions of the image (0..1, origin top left), or 'none'; "
         "give once per --subject, in the same order (all subjects or none). A token inside one box reads only "
         "that subject's reference",
     )
-    p.add_argument(
-        "--outside-boxes", choices=["all", "none"], default="all",
+    add(
+        p, "--outside-boxes", choices=["all", "none"], default="all", check=_check_outside,
         help="what tokens outside every box read: all = dynamic routing picks among all subjects (default), "
         "none = no reference",
     )
-    p.add_argument(
-        "--attention", choices=["auto", "fast", "flex", "reference"], default="auto",
+    add(
+        p, "--attention", choices=["auto", "fast", "flex", "reference"], default="auto",
         help="routed attention backend: auto = flex on CUDA, fast elsewhere; reference = dense mask (slow)",
     )
-    p.add_argument(
-        "--independent-conditions", action="store_true",
+    add(
+        p, "--independent-conditions", action="store_true",
         help="conditions never see the noisy image (needs a LoRA trained so); caches their K/V across steps",
     )
-    p.add_argument("--offload", choices=["none", "model", "sequential"], default="none", help="CPU offload for low VRAM")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    add(p, "--offload", choices=["none", "model", "sequential"], default="none", help="CPU offload for low VRAM")
+    add(p, "--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.set_defaults(func=run)
 
 
-def _validate(args: argparse.Namespace) -> Path:
-    from musar.utils.checks import check_size, check_steps
-
-    out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise MusarError(f"--out must be a .png file, got {out}")
-    check_size(args.height, args.width)
-    check_steps(args.steps)
-    check_writable(out)
-    if args.routing_maps:
-        check_writable(Path(args.routing_maps) / "routing_grid.png")
-    return out
+ROUTING_MAP_FILES = ("routing_grid.png", "route_overlay.png", "routing.json")
 
 
 def check_box_args(args: argparse.Namespace) -> list[tuple[float, float, float, float] | None] | None:
     """``--box`` / ``--outside-boxes`` as checked boxes (one-line MusarError); no model needed."""
     from musar.models.boxes import check_boxes, parse_box_args
 
-    if args.box is None and args.outside_boxes != "all":
-        raise MusarError(f"--outside-boxes {args.outside_boxes} needs --box: it says what tokens outside every box read")
     boxes = parse_box_args(args.box, len(args.subject))
     return check_boxes(
         boxes, len(args.subject), args.height, args.width,
@@ -84,23 +97,44 @@ def check_box_args(args: argparse.Namespace) -> list[tuple[float, float, float, 
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    out = _validate(args)
-    boxes = check_box_args(args)
+def _check_boxes(box: list[list[str]], args: argparse.Namespace) -> None:
+    check_box_args(args)
+
+
+def _check_outside(outside: str, args: argparse.Namespace) -> None:
+    if args.box is None and outside != "all":
+        raise MusarError(f"--outside-boxes {outside} needs --box: it says what tokens outside every box read")
+
+
+def _check_maps_dir(folder: str) -> None:
+    check_output_dir(folder, ROUTING_MAP_FILES)
+
+
+def _check_subjects(subjects: list[list[str]], args: argparse.Namespace) -> None:
+    """Every reference decodes within the pixel limit and every phrase is in the prompt."""
     from musar.pipelines.spans import find_phrase_chars
     from musar.utils.images import load_reference
 
-    # Cheap checks before the (slow) model load: files and phrases.
-    for image, _ in args.subject:
-        load_reference(image, 16)
-    find_phrase_chars(args.prompt, [phrase for _, phrase in args.subject])
+    for image, _ in subjects:
+        load_reference(image, 16, max_pixels=args.max_image_pixels)
+    find_phrase_chars(args.prompt, [phrase for _, phrase in subjects])
+
+
+def run(args: argparse.Namespace) -> int:
+    # Every argument was checked by musar.cli.args.validate before this point (nothing loaded yet).
+    from musar.utils import images
+
+    images.MAX_IMAGE_PIXELS = args.max_image_pixels  # the pipeline re-reads the references
+    out = Path(args.out)
+    boxes = check_box_args(args)
 
     import torch
 
     from musar.pipelines.presets import load_pipeline
+    from musar.pipelines.registry import get_preset
 
     t0 = time.perf_counter()
-    if args.preset:
+    if args.preset and get_preset(args.preset).random_weights:
         print(f"musar: preset {args.preset!r} has RANDOM weights: the image is noise, for smoke tests only.", file=sys.stderr)
     pipe = load_pipeline(model=args.model, preset=args.preset, lora=args.lora, dtype=args.dtype, offload=args.offload)
     load_s = time.perf_counter() - t0
@@ -123,11 +157,10 @@ def run(args: argparse.Namespace) -> int:
         return_routing=True,  # the sidecar records the share of tokens routed to each subject
     )
     image = result.images[0]
-    with atomic_path(out) as tmp:
-        image.save(tmp, format="PNG")
     sidecar = _sidecar(args, pipe, result.timings | {"load_s": load_s}, boxes, result.routing)
-    atomic_write_json(out.with_suffix(".json"), sidecar)
-    print(f"wrote {out} and {out.with_suffix('.json')}")
+    # One unit: whenever out exists, the sidecar beside it is its own (see write_image_and_sidecar).
+    write_image_and_sidecar(out, lambda tmp: image.save(tmp, format="PNG"), sidecar)
+    print(f"wrote {out} and {sidecar_path(out)}")
     if args.routing_maps:
         _write_routing_maps(Path(args.routing_maps), result, image, [p for _, p in args.subject], args.outside_boxes)
     return 0

@@ -9,7 +9,8 @@ Several GPUs (the same command line under accelerate's launcher; see docs/traini
 
     accelerate launch --config_file configs/accelerate/ddp.yaml -m musar.cli train --config configs/musar_flux_dev.yaml
 
-Exit codes: 0 done, 2 user error (one line on stderr), 3 stopped after too many non-finite
+Exit codes: 0 done, 2 user error (one line on stderr: a bad argument or config key, a damaged
+checkpoint given by path, a run already past --max-steps), 3 stopped after too many non-finite
 losses, 130 / 143 interrupted by SIGINT / SIGTERM after saving a checkpoint.
 """
 
@@ -19,7 +20,8 @@ import argparse
 import dataclasses
 import sys
 
-from musar.utils.checks import positive_int
+from musar.cli.args import add, value
+from musar.utils.validation import COUNT, check_input_dir, check_input_file, check_output_dir, key_value
 
 EXIT_STOPPED = 3
 
@@ -29,14 +31,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "train", help="train the MUSAR LoRA (single process, or under accelerate launch)",
         description="Train MUSAR's dual-branch LoRA on the 3-stage curriculum. See docs/training.md.",
     )
-    p.add_argument("--config", required=True, metavar="FILE", help="YAML config (e.g. configs/tiny.yaml)")
-    p.add_argument("--max-steps", type=positive_int, default=None, metavar="N", help="override max_steps")
-    p.add_argument("--output-dir", default=None, metavar="DIR", help="override output_dir")
-    p.add_argument("--resume", default=None, metavar="latest|PATH",
-                   help="continue from the newest checkpoint of the output dir, or from a checkpoint folder")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                   help="override any config key, e.g. --set optim.lr=5e-5 (repeatable)")
+    add(p, "--config", required=True, metavar="FILE", check=value(lambda f: check_input_file(f, "config file")),
+        help="YAML config (e.g. configs/tiny.yaml)")
+    add(p, "--max-steps", type=COUNT, default=None, metavar="N", help="override max_steps (an integer >= 1)")
+    add(p, "--output-dir", default=None, metavar="DIR", check=value(check_output_dir), help="override output_dir")
+    add(p, "--resume", default=None, metavar="latest|PATH", check=value(_check_resume),
+        help="continue from the newest valid checkpoint of the output dir, or from a checkpoint folder")
+    add(p, "--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides", type=key_value,
+        help="override any config key, e.g. --set optim.lr=5e-5 (repeatable)")
     p.set_defaults(func=run)
+
+
+def _check_resume(spec: str) -> None:
+    # The checkpoint's files are validated by the trainer (musar.train.checkpoint.find_resume),
+    # after the config names the output folder and before any model loads.
+    if spec != "latest":
+        check_input_dir(spec, "checkpoint folder")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,11 +59,17 @@ def run(args: argparse.Namespace) -> int:
     if args.output_dir is not None:
         changes["output_dir"] = args.output_dir
     cfg = dataclasses.replace(cfg, **changes).check()
+    check_output_dir(cfg.output_dir)
+    from musar.train.checkpoint import plan_resume
+
+    # Validates every file of the checkpoint to resume from (falling back to the newest valid one
+    # for `latest`) and refuses a run already past max_steps, before the model stack is imported.
+    start = plan_resume(cfg.output_dir, args.resume, cfg.total_steps)
 
     from musar.train.loop import TrainingInterrupted, TrainingStopped, train
 
     try:
-        result = train(cfg, resume=args.resume)
+        result = train(cfg, resume=start)
     except TrainingStopped as e:
         print(f"musar train: {e}", file=sys.stderr)
         return EXIT_STOPPED

@@ -1,7 +1,7 @@
 """``musar ui``: serve the Gradio app on this machine (127.0.0.1 unless ``--host`` says otherwise).
 
-Cheap checks (Gradio installed, port free, output folder writable) run before the model load, so
-a typo costs a second, not a FLUX load. Also runnable as ``python -m musar.cli ui [options]``.
+Every argument is checked (port free, output folder writable, LoRA header, preset known) before
+Gradio is imported or the model loads, so a typo costs a second, not a FLUX load. Also runnable as ``python -m musar.cli ui [options]``.
 """
 
 from __future__ import annotations
@@ -10,31 +10,47 @@ import argparse
 import errno
 import socket
 import sys
-from pathlib import Path
 
+from musar.cli.args import add, value
 from musar.errors import MusarError
+from musar.utils.validation import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    MAX_IMAGE_PIXELS,
+    PORT,
+    check_lora_file,
+    check_model_source,
+    check_output_dir,
+    check_preset_name,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ui", help="web UI (Gradio) for multi-subject generation")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", default=None, help="hub id or local folder of FLUX.1 (default black-forest-labs/FLUX.1-dev)")
-    # Free text checked by load_pipeline, so a new preset needs no change here.
-    src.add_argument("--preset", default=None, help="a ready-made pipeline, e.g. 'tiny' (random weights, no download)")
-    p.add_argument("--lora", default=None, help="MUSAR LoRA weights (.safetensors)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
-    p.add_argument("--share", action="store_true", help="also open a public Gradio share link (needs internet)")
-    p.add_argument("--out-dir", default="outputs/ui", help="where each result's folder is written (default outputs/ui)")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
-    p.add_argument("--offload", choices=["none", "model", "sequential"], default="none", help="CPU offload for low VRAM")
+    add(src, "--model", default=None, check=value(check_model_source),
+        help="hub id or local folder of FLUX.1 (default black-forest-labs/FLUX.1-dev)")
+    add(src, "--preset", default=None, check=value(check_preset_name),
+        help="a registered preset, e.g. 'tiny' (random weights, no download)")
+    add(p, "--lora", default=None, check=value(check_lora_file), help="MUSAR LoRA weights (.safetensors)")
+    add(p, "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    add(p, "--port", type=PORT, default=7860, check=_check_port, help="port to serve on (default 7860)")
+    add(p, "--share", action="store_true", help="also open a public Gradio share link (needs internet)")
+    add(p, "--out-dir", default="outputs/ui", check=value(lambda d: check_output_dir(d, ["params.json"])),
+        help="where each result's folder is written (default outputs/ui)")
+    add(p, "--max-image-pixels", type=MAX_IMAGE_PIXELS, default=DEFAULT_MAX_IMAGE_PIXELS,
+        help=f"refuse uploaded references above this many pixels (default {DEFAULT_MAX_IMAGE_PIXELS:,})")
+    add(p, "--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    add(p, "--offload", choices=["none", "model", "sequential"], default="none", help="CPU offload for low VRAM")
     p.set_defaults(func=run)
+
+
+def _check_port(port: int, args: argparse.Namespace) -> None:
+    check_port(args.host, port)
 
 
 def check_port(host: str, port: int) -> None:
     """Fail now, with the fix, if ``host:port`` cannot be bound."""
-    if not 1 <= port <= 65535:
-        raise MusarError(f"--port must be between 1 and 65535, got {port}")
+    PORT.check(port)
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
@@ -51,21 +67,23 @@ def check_port(host: str, port: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Every argument (port free, output folder writable, LoRA header, preset) was checked by
+    # musar.cli.args.validate; the Gradio check stays here so --help never imports it.
     try:
         import gradio  # noqa: F401  (checked here so the message names the fix)
     except ImportError:
         raise MusarError("the UI needs Gradio: pip install 'musar[ui]'") from None
-    from musar.utils.io import check_writable
+    from musar.utils import images
 
-    check_port(args.host, args.port)
-    check_writable(Path(args.out_dir) / "params.json")
+    images.MAX_IMAGE_PIXELS = args.max_image_pixels
 
     from musar.pipelines.presets import load_pipeline
+    from musar.pipelines.registry import get_preset
     from musar.ui.app import launch
     from musar.ui.backend import Studio
     from musar.ui.logic import ModelSource
 
-    if args.preset:
+    if args.preset and get_preset(args.preset).random_weights:
         print(f"musar: preset {args.preset!r} has RANDOM weights: images are noise, for trying the app only.", file=sys.stderr)
     print("musar: loading the model (once, before serving)...", file=sys.stderr)
     pipe = load_pipeline(model=args.model, preset=args.preset, lora=args.lora, dtype=args.dtype, offload=args.offload)
@@ -76,3 +94,9 @@ def run(args: argparse.Namespace) -> int:
     launch(studio, host=args.host, port=args.port, share=args.share)
     return 0
 
+
+
+if __name__ == "__main__":  # `python -m musar.cli.ui [options]`, as the browser test starts the app
+    from musar.cli import main
+
+    sys.exit(main(["ui", *sys.argv[1:]]))

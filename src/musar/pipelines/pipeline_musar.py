@@ -30,9 +30,9 @@ from musar.pipelines.conditions import encode_references
 from musar.pipelines.registry import import_registered_components
 from musar.pipelines.routing_maps import RoutingRecorder
 from musar.pipelines.spans import find_subject_spans, spans_tensor
-from musar.utils.checks import check_size, check_steps
 from musar.utils.images import Fit, load_reference
 from musar.utils.io import atomic_write_json
+from musar.utils.validation import check_generation
 
 DEFAULT_MODEL = "black-forest-labs/FLUX.1-dev"
 
@@ -158,10 +158,8 @@ class MusarPipeline(FluxPipeline):
             raise MusarError("the prompt is empty")
         if len(subjects) < 1:
             raise MusarError("give at least one subject (reference image and phrase)")
-        check_size(height, width)
-        check_steps(num_inference_steps)
-        if condition_size % 16 != 0 or condition_size < 16:
-            raise MusarError(f"condition size must be a positive multiple of 16, got {condition_size}")
+        check_generation(height=height, width=width, steps=num_inference_steps, guidance=guidance_scale,
+                         condition_size=condition_size)
         routing = routing or RoutingOptions(
             dynamic=dynamic_routing, static=static_routing, backend=attention,  # type: ignore[arg-type]
             independent_conditions=independent_conditions,

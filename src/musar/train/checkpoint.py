@@ -8,15 +8,23 @@ Layout of ``<output_dir>/checkpoints/step_00001000/``::
     scheduler.json           LR scheduler state
     rng_rank<r>.json         python + numpy RNG states of rank r
     rng_rank<r>.safetensors  torch CPU (and CUDA) RNG states of rank r
-    trainer.json             step, counters, data stream position, config summary (written last)
+    trainer.json             step, counters, data stream position, config summary
+    manifest.json            size and sha256 of every other file (written last, by commit)
 
 Nothing here is a pickle: tensors go to safetensors, everything else to JSON, so loading a
 checkpoint cannot execute code. (Under FSDP every rank saves its own optimizer shard as
 ``optimizer_rank<r>.*``; under DeepSpeed the partitioned state is saved by DeepSpeed itself into
 ``optimizer_backend/``; see musar.train.distributed.)
 
-A folder is complete once it carries its final name: it is assembled as ``.tmp-step_...`` and
-moved into place with one ``os.replace``; ``latest`` is the highest complete step.
+A folder is complete once it carries its final name: it is assembled as ``.tmp-step_...``, every
+file is given the common file mode and fsync'd, the manifest is written, and the folder is moved
+into place with one ``os.replace`` (then its parent is fsync'd).
+
+Resuming validates every file first (:func:`validate_checkpoint`: the manifest's sizes and hashes,
+each JSON file parsed, each safetensors header complete, every file the loader needs present),
+so a damaged checkpoint is one readable line, never a traceback from deep inside a loader.
+``--resume latest`` (:func:`find_resume`) takes the newest *valid* checkpoint and says which
+damaged ones it passed over.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import os
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +43,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from musar.errors import MusarError
-from musar.utils.io import atomic_write_json
+from musar.utils.io import atomic_write_json, file_sha256, finish_file, fsync_dir
+from musar.utils.tensorfile import read_header
+from musar.utils.validation import LORA_FORMAT
 
 CHECKPOINTS = "checkpoints"
 _NAME = re.compile(r"^step_(\d{8,})$")
 TRAINER_FILE = "trainer.json"
+MANIFEST_FILE = "manifest.json"
 
 
 def checkpoint_name(step: int) -> str:
@@ -62,25 +74,168 @@ def list_checkpoints(output_dir: str | os.PathLike[str]) -> list[tuple[int, Path
     return sorted(found)
 
 
-def resolve_resume(output_dir: str | os.PathLike[str], spec: str) -> Path:
-    """``latest`` -> the newest checkpoint of ``output_dir``; otherwise a checkpoint folder path."""
-    if spec == "latest":
-        found = list_checkpoints(output_dir)
-        if not found:
-            raise MusarError(f"--resume latest: no checkpoint in {checkpoints_root(output_dir)}")
-        return found[-1][1]
-    path = Path(spec)
-    if not (path / TRAINER_FILE).is_file():
-        raise MusarError(f"--resume {spec}: not a checkpoint folder (no {TRAINER_FILE} in it)")
-    return path
+@dataclass(frozen=True)
+class ResumePoint:
+    """The checkpoint a run continues from, its trainer state, and the damaged ones passed over."""
+
+    path: Path
+    state: dict[str, Any]
+    skipped: tuple[str, ...] = ()  # one line each: "step_00000010 (optimizer.safetensors is truncated: ...)"
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+
+def find_resume(output_dir: str | os.PathLike[str], spec: str) -> ResumePoint:
+    """``latest`` -> the newest *valid* checkpoint of ``output_dir``; otherwise the checkpoint
+    folder ``spec``, which must be valid itself (no fallback from a folder the user named)."""
+    if spec != "latest":
+        path = Path(spec)
+        if not (path / TRAINER_FILE).is_file():
+            raise MusarError(f"--resume {spec}: not a checkpoint folder (no {TRAINER_FILE} in it)")
+        return ResumePoint(path, validate_checkpoint(path))
+    found = list_checkpoints(output_dir)
+    if not found:
+        raise MusarError(f"--resume latest: no checkpoint in {checkpoints_root(output_dir)}")
+    skipped: list[str] = []
+    for _, path in reversed(found):
+        try:
+            return ResumePoint(path, validate_checkpoint(path), tuple(skipped))
+        except MusarError as e:
+            skipped.append(f"{path.name} ({_reason(e, path)})")
+    raise MusarError(f"--resume latest: no valid checkpoint in {checkpoints_root(output_dir)}; "
+                     f"{len(skipped)} damaged, the newest: {skipped[0]}")
+
+
+def plan_resume(
+    output_dir: str | os.PathLike[str], resume: str | os.PathLike[str] | ResumePoint | None, total_steps: int
+) -> ResumePoint | None:
+    """Where a run starts, decided before anything heavy loads: ``None`` (a fresh run) or a
+    validated :class:`ResumePoint`. Refuses a fresh run over existing checkpoints and a resume
+    already past ``total_steps``. A ResumePoint passed in is not validated again."""
+    if resume is None:
+        if list_checkpoints(output_dir):
+            raise MusarError(f"{output_dir} already holds checkpoints; pass --resume latest to continue "
+                             "or choose another --output-dir")
+        return None
+    point = resume if isinstance(resume, ResumePoint) else find_resume(output_dir, str(resume))
+    if point.step > total_steps:
+        raise MusarError(f"{point.path} is at step {point.step}, past max_steps {total_steps}: raise --max-steps "
+                         f"above {point.step} to continue this run, or choose another --output-dir")
+    return point
+
+
+# -- validation ----------------------------------------------------------------------------------
+
+
+class DamagedCheckpoint(MusarError):
+    """A checkpoint file is missing, truncated, unreadable or not what its manifest recorded."""
+
+
+def _reason(error: MusarError, path: Path) -> str:
+    return str(error).removeprefix(f"checkpoint {path} is damaged: ")
+
+
+def _damaged(directory: Path, what: str) -> DamagedCheckpoint:
+    return DamagedCheckpoint(f"checkpoint {directory} is damaged: {what}")
+
+
+def _json_object(directory: Path, name: str, keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    path = directory / name
+    if not path.is_file():
+        raise _damaged(directory, f"{name} is missing")
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise _damaged(directory, f"{name} is not readable JSON ({e})") from None
+    if not isinstance(value, dict) or any(k not in value for k in keys):
+        raise _damaged(directory, f"{name} lacks {', '.join(keys) or 'a JSON object'}")
+    return value
+
+
+def _tensor_file(directory: Path, name: str, keys: tuple[str, ...] = ()) -> dict[str, str]:
+    path = directory / name
+    if not path.is_file():
+        raise _damaged(directory, f"{name} is missing")
+    try:
+        header = read_header(path, "checkpoint file")
+    except MusarError as e:
+        raise _damaged(directory, str(e).replace(str(path), name)) from None
+    missing = [k for k in keys if k not in header.tensors]
+    if missing:
+        raise _damaged(directory, f"{name} lacks tensor {missing[0]!r}")
+    return header.metadata
+
+
+def _check_manifest(directory: Path) -> None:
+    manifest = _json_object(directory, MANIFEST_FILE, ("files",))
+    files = manifest["files"]
+    if not isinstance(files, dict):
+        raise _damaged(directory, f"{MANIFEST_FILE} lacks its file list")
+    for name, entry in sorted(files.items()):
+        path = directory / name
+        if Path(name).is_absolute() or ".." in Path(name).parts or not isinstance(entry, dict):
+            raise _damaged(directory, f"{MANIFEST_FILE} has a malformed entry {name!r}")
+        if not path.is_file():
+            raise _damaged(directory, f"{name} is missing")
+        size = path.stat().st_size
+        if size != entry.get("size"):
+            raise _damaged(directory, f"{name} holds {size} bytes, {entry.get('size')} were saved")
+        if file_sha256(path) != entry.get("sha256"):
+            raise _damaged(directory, f"{name} differs from what was saved (sha256 mismatch)")
+
+
+def validate_checkpoint(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """Check every file of a checkpoint without loading it; return trainer.json's content.
+
+    Raises :class:`DamagedCheckpoint` (a one-line :class:`MusarError`) naming the first bad file.
+    Checkpoints written before manifests existed get every check but the hashes.
+    """
+    directory = Path(directory)
+    state = _json_object(directory, TRAINER_FILE, ("step", "data", "world_size"))
+    step, world, data = state["step"], state["world_size"], state["data"]
+    if not (isinstance(step, int) and step >= 0 and isinstance(world, int) and world >= 1
+            and isinstance(data, dict) and isinstance(data.get("position"), int)):
+        raise _damaged(directory, f"{TRAINER_FILE} has a malformed step, world_size or data position")
+    fmt = _tensor_file(directory, "lora.safetensors").get("format")
+    if fmt != LORA_FORMAT:
+        raise _damaged(directory, f"lora.safetensors is not a MUSAR LoRA (header format {fmt!r})")
+    _json_object(directory, "scheduler.json")
+    if not (directory / "optimizer_backend").is_dir():  # DeepSpeed keeps its own format there
+        names = ["optimizer"] if (directory / "optimizer.json").exists() or world == 1 else [
+            f"optimizer_rank{r}" for r in range(world)]
+        for name in names:
+            _json_object(directory, f"{name}.json", ("param_groups",))
+            _tensor_file(directory, f"{name}.safetensors")
+    for rank in range(world):
+        _json_object(directory, f"rng_rank{rank}.json", ("python", "numpy"))
+        _tensor_file(directory, f"rng_rank{rank}.safetensors", ("torch",))
+    if (directory / MANIFEST_FILE).exists():  # last: the structural checks name the damage more precisely
+        _check_manifest(directory)
+    return state
 
 
 def staging_dir(output_dir: str | os.PathLike[str], step: int) -> Path:
     return checkpoints_root(output_dir) / f".tmp-{checkpoint_name(step)}"
 
 
+def write_manifest(staging: Path) -> None:
+    """Give every file of a finished staging folder the common mode, fsync it, and record its
+    size and sha256 in manifest.json (what :func:`validate_checkpoint` compares on resume)."""
+    files: dict[str, dict[str, Any]] = {}
+    for path in sorted(p for p in staging.rglob("*") if p.is_file() and p.name != MANIFEST_FILE):
+        finish_file(path)
+        files[path.relative_to(staging).as_posix()] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
+    for folder in {p.parent for p in staging.rglob("*")} | {staging}:
+        fsync_dir(folder)
+    atomic_write_json(staging / MANIFEST_FILE, {"format": 1, "files": files}, strict=True)
+
+
 def commit(staging: Path, final: Path) -> Path:
-    """Move a finished staging folder onto its final name (replacing an older one atomically)."""
+    """Seal a finished staging folder (:func:`write_manifest`) and move it onto its final name,
+    replacing an older one atomically."""
+    write_manifest(staging)
     old = None
     if final.exists():
         # os.replace cannot replace a non-empty folder; move the old one aside first so the
@@ -89,6 +244,7 @@ def commit(staging: Path, final: Path) -> Path:
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(staging, final)
+    fsync_dir(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -103,6 +259,13 @@ def prune(output_dir: str | os.PathLike[str], keep_last: int) -> list[Path]:
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise MusarError(f"cannot read checkpoint file {path}: {type(e).__name__}: {e}") from None
 
 
 def read_json(path: Path) -> Any:
@@ -178,7 +341,7 @@ def load_optimizer(directory: Path, name: str = "optimizer") -> dict[str, Any]:
     path = directory / f"{name}.safetensors"
     if not path.is_file():
         raise MusarError(f"checkpoint {directory} has no optimizer state {path.name} (saved by another number of processes?)")
-    return join_optimizer_state(load_file(str(path)), read_json(directory / f"{name}.json"))
+    return join_optimizer_state(_load_tensors(path), read_json(directory / f"{name}.json"))
 
 
 # -- RNG state -----------------------------------------------------------------------------------
@@ -209,7 +372,7 @@ def load_rng(directory: Path, rank: int) -> bool:
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = meta["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    tensors = load_file(str(tensor_path))
+    tensors = _load_tensors(tensor_path)
     torch.set_rng_state(tensors["torch"])
     cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
     if cuda and torch.cuda.is_available():

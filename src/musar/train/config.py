@@ -13,6 +13,7 @@ the current working directory, like every other path on the command line.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from musar.data.defaults import DEFAULT_PADDING, DEFAULT_QUALITY_THRESHOLD, SUBJ
 from musar.errors import MusarError
 from musar.lora.config import BranchLoRAConfig
 from musar.models.routing import RoutingOptions
+from musar.utils.validation import GUIDANCE, HEIGHT, SEED, STEPS, TRAIN_SEED, WIDTH
 
 # SDPA kernels the training step may use on CUDA. DESIGN sec. 9: SDPA's default choice for these
 # shapes on H100 is cuDNN attention, whose *backward* failed; FlashAttention and the
@@ -153,6 +155,11 @@ class TrainConfig:
         for key, size in {"data.view_size": self.data.view_size, "data.condition_size": self.data.condition_size}.items():
             if size < 16 or size % 16:
                 raise MusarError(f"config {key} must be a positive multiple of 16, got {size}")
+        v = self.validation
+        for key, rule, number in (("seed", TRAIN_SEED, self.seed), ("validation.seed", SEED, v.seed),
+                                  ("validation.steps", STEPS, v.steps), ("validation.guidance", GUIDANCE, v.guidance),
+                                  ("validation.height", HEIGHT, v.height), ("validation.width", WIDTH, v.width)):
+            rule.check(number, f"config {key}")
         if self.data.source is None and self.data.musar_gen is None:
             raise MusarError("config data.source and data.musar_gen are both empty: nothing to train on")
         if self.model.preset is not None:
@@ -210,13 +217,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, bool):
             raise MusarError(f"config key {key!r}: expected true or false, got {value!r}")
         return value
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):  # PyYAML reads "1e-4" (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
+    if tp is float and not isinstance(value, bool):
+        number = value
+        if isinstance(value, str):  # PyYAML reads "1e-4" (no dot) as a string
+            try:
+                number = float(value)
+            except ValueError:
+                number = None
+        if isinstance(number, (int, float)):
+            if not math.isfinite(number):  # .nan / .inf would train or render garbage silently
+                raise MusarError(f"config key {key!r}: expected a finite number, got {value!r}")
+            return float(number)
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if tp is str and isinstance(value, (str, Path)):

@@ -16,6 +16,7 @@ exactly; global RNG states are checkpointed as well, for anything else that draw
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -121,14 +122,16 @@ def step_seed(seed: int, rank: int, step: int, micro: int) -> int:
 class Trainer:
     """Owns the models, optimizer, data and state of one run. ``fit()`` runs it."""
 
-    def __init__(self, cfg: TrainConfig, resume: str | Path | None = None) -> None:
+    def __init__(self, cfg: TrainConfig, resume: str | Path | ckpt.ResumePoint | None = None) -> None:
         self.cfg = cfg.check()
         self.output_dir = Path(cfg.output_dir)
-        existing = ckpt.list_checkpoints(self.output_dir)
-        resume_dir = ckpt.resolve_resume(self.output_dir, str(resume)) if resume is not None else None
-        if resume_dir is None and existing:
-            raise MusarError(f"{self.output_dir} already holds checkpoints; pass --resume latest to continue "
-                             "or choose another --output-dir")
+        # Every file of the checkpoint is validated here, before any model loads.
+        point = ckpt.plan_resume(self.output_dir, resume, cfg.total_steps)
+        resume_dir = point.path if point is not None else None
+        if point is not None and point.skipped and _is_main_launch_process():
+            for skipped in point.skipped:
+                print(f"musar train: skipping damaged checkpoint {skipped}", file=sys.stderr)
+            print(f"musar train: resuming from {point.path.name}, the newest valid checkpoint", file=sys.stderr)
         if cfg.validate_every:
             check_validation(cfg.validation)
         self.c: Components = build_components(cfg, resume_dir)
@@ -213,7 +216,11 @@ class Trainer:
 
     def next_batches(self) -> list[Batch]:
         if self._batches is None:
-            self._batches = iter(self.c.loader)
+            # Creating a DataLoader iterator draws its base seed from the global torch RNG; a
+            # resumed run creates it at another step than an uninterrupted one, so the draw would
+            # make their checkpointed RNG states differ. Our data order never uses that seed.
+            with torch.random.fork_rng(devices=[]):
+                self._batches = iter(self.c.loader)
         batches = [next(self._batches) for _ in range(self.cfg.optim.grad_accumulation)]
         expected = (self.state.step + 1) * self.cfg.optim.grad_accumulation
         if batches[-1].next_position not in (None, expected):  # the resume guarantee, checked every step
@@ -319,14 +326,30 @@ class Trainer:
         return path
 
     def _load(self, directory: Path) -> None:
-        raw = load_training_state(self.c, self.cfg, directory)
+        try:
+            raw = load_training_state(self.c, self.cfg, directory)
+        except (ValueError, KeyError, RuntimeError) as e:  # valid files that do not fit this run's config
+            if isinstance(e, MusarError):
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise MusarError(f"checkpoint {directory} does not fit this config: {first}") from None
         self.state = TrainState(**{k: raw[k] for k in asdict(TrainState()) if k in raw})
+
+
+def _is_main_launch_process() -> bool:
+    """Rank 0 of a launched job (or a plain process); known before accelerate starts."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _step_of(path: Path) -> int:
     return int(path.name.split("_")[-1])
 
 
-def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:
-    """Build a :class:`Trainer` and run it to ``cfg.total_steps``."""
+def train(cfg: TrainConfig, resume: str | Path | ckpt.ResumePoint | None = None) -> TrainResult:
+    """Build a :class:`Trainer` and run it to ``cfg.total_steps``.
+
+    ``resume``: ``"latest"`` (the newest valid checkpoint of ``cfg.output_dir``), a checkpoint
+    folder, or a :class:`~musar.train.checkpoint.ResumePoint` from
+    :func:`~musar.train.checkpoint.plan_resume` (already validated).
+    """
     return Trainer(cfg, resume=resume).fit()

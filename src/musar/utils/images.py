@@ -9,35 +9,74 @@ so input checks stay fast (the CLI runs them before loading any model).
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from musar.errors import MusarError
+from musar.utils.validation import DEFAULT_MAX_IMAGE_PIXELS
 
 Fit = Literal["pad", "crop"]
 PAD_COLOUR = (255, 255, 255)  # references are mostly product-style shots on white
+# Our own limit on an input image's pixel count, checked from the header before decoding; read at
+# call time, like Pillow's Image.MAX_IMAGE_PIXELS. `--max-image-pixels` sets it for one run.
+MAX_IMAGE_PIXELS = DEFAULT_MAX_IMAGE_PIXELS
 
 
-def open_image(path: str | os.PathLike[str]) -> Image.Image:
-    """Open and fully decode an image file, or raise a one-line :class:`MusarError`."""
-    path = Path(path)
+def open_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> Image.Image:
+    """Open and fully decode an image file, or raise a one-line :class:`MusarError`.
+
+    The size is read from the header and checked against ``max_pixels`` (default
+    :data:`MAX_IMAGE_PIXELS`) *before* anything is decoded, so a tiny file declaring a huge
+    image costs nothing. Any failure to decode (truncated, corrupt, a decompression bomb, a
+    format Pillow trips over) is the same one-line error: user files are untrusted input.
+    """
+    return _read(Path(path), max_pixels, decode=True)
+
+
+def check_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> tuple[int, int]:
+    """(width, height) of an image file from its header alone, within the pixel limit, or the
+    one-line error :func:`open_image` would give. Cheap: nothing is decoded."""
+    return _read(Path(path), max_pixels, decode=False)
+
+
+def _read(path: Path, max_pixels: int | None, decode: bool) -> Any:
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     if not path.exists():
         raise MusarError(f"reference image not found: {path}")
     if path.is_dir():
         raise MusarError(f"reference image is a directory: {path}")
     try:
-        with Image.open(path) as im:
-            im.load()  # decode now: a truncated file fails here, not mid-generation
-            return im.copy()
+        with warnings.catch_warnings():
+            # Our limit is stricter than Pillow's warning threshold; its warning would be noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                width, height = im.size  # from the header: nothing decoded yet
+                if width * height > limit:
+                    raise MusarError(
+                        f"image too large: {path} is {width}x{height} ({width * height:,} pixels), "
+                        f"above the limit of {limit:,} pixels (--max-image-pixels)"
+                    )
+                if not decode:
+                    return width, height
+                im.load()  # decode now: a truncated file fails here, not mid-generation
+                return im.copy()
+    except MusarError:
+        raise
+    except Image.DecompressionBombError:
+        raise MusarError(f"image too large: {path} declares more pixels than Pillow will decode") from None
     except UnidentifiedImageError:
         raise MusarError(f"not an image file: {path}") from None
     except PermissionError:
         raise MusarError(f"cannot read reference image (permission denied): {path}") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise MusarError(f"cannot decode image {path}: {e}") from None
+    except MemoryError:
+        raise MusarError(f"cannot decode image {path}: out of memory") from None
+    except Exception as e:  # decoders raise many types (OSError, SyntaxError, struct.error, ...)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MusarError(f"cannot decode image {path}: {first}") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -73,10 +112,12 @@ def fit_square(image: Image.Image, size: int, fit: Fit = "pad") -> Image.Image:
     return canvas.resize((size, size), Image.Resampling.LANCZOS)
 
 
-def load_reference(image: Image.Image | str | os.PathLike[str], size: int, fit: Fit = "pad") -> Image.Image:
+def load_reference(
+    image: Image.Image | str | os.PathLike[str], size: int, fit: Fit = "pad", max_pixels: int | None = None
+) -> Image.Image:
     """A user's reference (path or PIL image, any mode) as an RGB ``size`` square."""
     if not isinstance(image, Image.Image):
-        image = open_image(image)
+        image = open_image(image, max_pixels)
     if image.width == 0 or image.height == 0:
         raise MusarError("reference image has zero size")
     return fit_square(to_rgb(image), size, fit)

@@ -1,8 +1,17 @@
-"""Atomic file output: nothing half-written is ever left under the final name."""
+"""Durable, atomic file output: nothing half-written is ever left under a final name.
+
+Every file goes to a temporary name in its target folder, gets :func:`file_mode` (what a plain
+``open()`` would give under the current umask, for every file we write, whatever library wrote
+the bytes), is ``fsync``'d, renamed onto its final name, and the folder is ``fsync``'d so the
+rename itself survives a power cut. :func:`write_image_and_sidecar` extends this to an image and
+its JSON sidecar, which must never disagree.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
 import os
 import tempfile
@@ -11,29 +20,79 @@ from pathlib import Path
 from typing import Any
 
 from musar.errors import MusarError
+from musar.utils.validation import check_output_files, sidecar_path
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds.
+@functools.cache
+def _umask() -> int:
+    try:  # Linux reports it without changing it (os.umask() would, briefly, for every thread)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
-    The temporary file lives in the same directory so the final ``os.replace`` is atomic.
-    """
-    path = Path(path)
+
+def file_mode() -> int:
+    """The one mode of every file musar writes: ``0o666`` less the umask (usually 0644)."""
+    return 0o666 & ~_umask()
+
+
+def fsync_file(path: str | os.PathLike[str]) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make renames and new entries in folder ``path`` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on folders; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def finish_file(path: str | os.PathLike[str]) -> None:
+    """Give a freshly written file the common mode and flush it to disk (before it is renamed)."""
+    os.chmod(path, file_mode())
+    fsync_file(path)
+
+
+def _temp_beside(path: Path) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
     except OSError as e:
         raise MusarError(f"cannot write to {path}: {e.strerror or e}") from None
     os.close(fd)
-    tmp_path = Path(tmp)
-    # mkstemp creates 0600 files; give the final file the mode a plain open() would.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)
+    return Path(tmp)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; move it onto ``path`` only if the block succeeds.
+
+    The temporary file lives in the same folder, so the final ``os.replace`` is atomic. The mode
+    is set after the block (writers such as safetensors recreate the file with their own mode).
+    """
+    path = Path(path)
+    tmp_path = _temp_beside(path)
     try:
         yield tmp_path
+        finish_file(tmp_path)
         os.replace(tmp_path, path)
+        fsync_dir(path.parent)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -50,24 +109,70 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
 
 
-def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+def json_text(obj: Any, strict: bool = False) -> str:
+    """Indented, key-sorted JSON. ``strict``: refuse NaN and infinities (not JSON; strict parsers fail)."""
+    return json.dumps(obj, indent=2, sort_keys=True, default=str, allow_nan=not strict) + "\n"
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any, strict: bool = False) -> Path:
+    return atomic_write_text(path, json_text(obj, strict))
 
 
 def check_writable(path: str | os.PathLike[str]) -> Path:
-    """Fail early (before minutes of work) if ``path`` cannot be written: really try it.
+    """Fail early (before minutes of work) if ``path`` cannot be written; create nothing."""
+    return check_output_files([path])[0]
 
-    Permission bits alone mislead (root passes ``os.access`` on read-only mounts and /proc), so
-    create the folder and a probe file next to the target, then remove the probe.
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_image_and_sidecar(
+    path: str | os.PathLike[str], write_image: Callable[[Path], Any], sidecar: dict[str, Any]
+) -> tuple[Path, Path]:
+    """Write an image (``write_image(tmp_path)``) and its strict-JSON sidecar as one unit.
+
+    The sidecar also records ``image_sha256``, the hash of the image beside it. Order:
+
+    1. both go to temporary files beside their targets, each fsync'd (the sidecar is serialised
+       first of all, so a NaN in it fails before the image is even encoded);
+    2. the old image, if any, is removed;
+    3. the sidecar is renamed into place;
+    4. the image is renamed into place, and the folder fsync'd.
+
+    Whenever the image exists, the sidecar beside it is its own: a crash after step 2 leaves no
+    image (a sidecar alone, old or new, describes nothing), never an image beside another
+    image's sidecar. The price is that a crash between steps 2 and 4 loses the old image, which
+    the caller was replacing anyway.
     """
-    path = Path(path)
-    if path.is_dir():
-        raise MusarError(f"output path is a directory: {path}")
+    image_path = Path(path)
+    json_path = sidecar_path(image_path)
+    json_text(sidecar, strict=True)  # a NaN fails here, before anything is written
+    check_output_files([image_path, json_path])  # a folder in the way fails before the old image goes
+    tmp_image = tmp_json = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise MusarError(f"output path is not writable: {path} ({e.strerror or e})") from None
-    return path
+        tmp_image = _temp_beside(image_path)
+        write_image(tmp_image)
+        finish_file(tmp_image)
+        record = {**sidecar, "image_sha256": file_sha256(tmp_image)}
+        tmp_json = _temp_beside(json_path)
+        tmp_json.write_text(json_text(record, strict=True), encoding="utf-8")
+        finish_file(tmp_json)
+        try:
+            image_path.unlink(missing_ok=True)
+            os.replace(tmp_json, json_path)
+            os.replace(tmp_image, image_path)
+        except OSError as e:
+            raise MusarError(f"cannot write {image_path} and its sidecar: {e.strerror or e}") from None
+        fsync_dir(image_path.parent)
+        if json_path.parent != image_path.parent:
+            fsync_dir(json_path.parent)
+    finally:
+        for tmp in (tmp_image, tmp_json):
+            if tmp is not None and tmp.exists():
+                tmp.unlink()
+    return image_path, json_path

@@ -1,0 +1,70 @@
+"""Arguments declared together with their rules, and the one validation pass that runs them.
+
+``add(parser, "--seed", type=SEED, default=0, help=...)`` is ``parser.add_argument`` with one more
+keyword. A value's own rule (a :class:`~musar.utils.validation.Number`, or any ``type=``) runs
+while argparse parses, so bad text is argparse's usual one-line error. ``check=`` adds a rule
+that needs the file system or the other arguments (the file exists, the output and its sidecar
+are writable, the LoRA header is ours, the preset is registered); :func:`validate` runs them in
+declaration order. ``musar.cli.main`` calls it after parsing and before the command's ``run``, so
+every check of every command precedes any heavy import, model load or output. A failing check
+reads like argparse's own: ``musar generate: error: argument --lora: LoRA file not found: x``.
+
+Layout boxes, for instance, plug in as two declarations::
+
+    add(p, "--box", nargs=4, type=BOX_COORD, action="append", metavar=("X0", "Y0", "X1", "Y1"),
+        check=check_boxes, help=...)        # check_boxes(boxes, args): x0 < x1, y0 < y1, one per --subject
+    add(p, "--outside-boxes", choices=[...], default=..., help=...)
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+from musar.errors import MusarError
+
+Check = Callable[[Any, argparse.Namespace], None]
+_CHECKS = "_musar_checks"  # namespace attribute: [(dest, flag, check), ...] of the chosen command
+
+
+def add(parser: Any, *flags: str, check: Check | None = None, **kwargs: Any) -> argparse.Action:
+    """``parser.add_argument(*flags, **kwargs)`` plus an optional deferred ``check(value, args)``.
+
+    ``parser`` may be an argument group; groups share their parser's defaults, where the checks
+    are kept. ``check`` is skipped when the value is ``None`` (an optional argument not given).
+    """
+    action = parser.add_argument(*flags, **kwargs)
+    if check is not None:
+        checks = list(parser.get_default(_CHECKS) or [])
+        flag = "/".join(action.option_strings) or action.dest  # as argparse names it in its errors
+        checks.append((action.dest, flag, check))
+        parser.set_defaults(**{_CHECKS: checks})
+    return action
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Run the chosen command's deferred checks; the first failure is a one-line MusarError."""
+    for dest, flag, check in getattr(args, _CHECKS, ()):
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        try:
+            check(value, args)
+        except MusarError as e:
+            raise MusarError(f"argument {flag}: {e}") from None
+
+
+def each(check: Callable[[Any], Any]) -> Check:
+    """A deferred check for a list-valued argument (``action="append"`` / ``nargs``): every item."""
+
+    def run(values: Any, args: argparse.Namespace) -> None:
+        for value in values:
+            check(value)
+
+    return run
+
+
+def value(check: Callable[[Any], Any]) -> Check:
+    """A deferred check that needs only the value, not the other arguments."""
+    return lambda v, args: check(v)
