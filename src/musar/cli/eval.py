@@ -21,6 +21,7 @@ from PIL import Image
 
 from musar.errors import MusarError
 from musar.eval.protocols import DEFAULT_SEEDS, PROTOCOLS, build_cases
+from musar.pipelines import quantization_spec as quant
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--steps", type=int, default=28, help="denoising steps")
     p.add_argument("--guidance", type=float, default=3.5, help="FLUX guidance scale")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--quantize", choices=quant.QUANTIZE_CHOICES, default="none", metavar=quant.METAVAR, help=quant.HELP)
     p.add_argument("--attention", default="fast", help="attention backend: 'fast' or 'reference'")
     p.add_argument("--metrics-batch-size", type=int, default=32)
     p.add_argument("--skip-metrics", action="store_true", help="only generate images and grids")
@@ -132,6 +134,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "steps": args.steps,
         "guidance": args.guidance,
         "dtype": args.dtype,
+        # only when set, so run folders made before --quantize existed still resume
+        **({"quantize": args.quantize} if args.quantize != "none" else {}),
         "attention": args.attention,
         "limit": args.limit,
         "label": args.label,
@@ -163,6 +167,7 @@ def build_generator(args: argparse.Namespace) -> Any:
         lora=args.lora,
         dtype=args.dtype,
         attention=args.attention,
+        quantize=args.quantize,
         **ablation.load_kwargs,
     )
     # Optional call settings, passed only where the pipeline takes them: the per-call attention

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from musar.errors import MusarError
+from musar.pipelines import quantization_spec as quant
 from musar.utils.io import atomic_path, atomic_write_json, check_writable
 
 
@@ -43,6 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--offload", choices=["none", "model", "sequential"], default="none", help="CPU offload for low VRAM")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--quantize", choices=quant.QUANTIZE_CHOICES, default="none", metavar=quant.METAVAR, help=quant.HELP)
     p.set_defaults(func=run)
 
 
@@ -77,7 +79,9 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.preset:
         print(f"musar: preset {args.preset!r} has RANDOM weights: the image is noise, for smoke tests only.", file=sys.stderr)
-    pipe = load_pipeline(model=args.model, preset=args.preset, lora=args.lora, dtype=args.dtype, offload=args.offload)
+    pipe = load_pipeline(
+        model=args.model, preset=args.preset, lora=args.lora, dtype=args.dtype, offload=args.offload, quantize=args.quantize
+    )
     load_s = time.perf_counter() - t0
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     result = pipe(
@@ -129,6 +133,7 @@ def _sidecar(args: argparse.Namespace, pipe: Any, timings: dict[str, float]) -> 
         "independent_conditions": args.independent_conditions,
         "offload": args.offload,
         "dtype": args.dtype,
+        "quantize": args.quantize,
         "device": str(pipe._execution_device),
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
     }

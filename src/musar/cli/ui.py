@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from musar.errors import MusarError
+from musar.pipelines import quantization_spec as quant
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -28,6 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out-dir", default="outputs/ui", help="where each result's folder is written (default outputs/ui)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--offload", choices=["none", "model", "sequential"], default="none", help="CPU offload for low VRAM")
+    p.add_argument("--quantize", choices=quant.QUANTIZE_CHOICES, default="none", metavar=quant.METAVAR, help=quant.HELP)
     p.set_defaults(func=run)
 
 
@@ -68,8 +70,9 @@ def run(args: argparse.Namespace) -> int:
     if args.preset:
         print(f"musar: preset {args.preset!r} has RANDOM weights: images are noise, for trying the app only.", file=sys.stderr)
     print("musar: loading the model (once, before serving)...", file=sys.stderr)
-    pipe = load_pipeline(model=args.model, preset=args.preset, lora=args.lora, dtype=args.dtype, offload=args.offload)
-    source = ModelSource(model=args.model, preset=args.preset, lora=args.lora, dtype=args.dtype, offload=args.offload)
+    settings = dict(model=args.model, preset=args.preset, lora=args.lora, dtype=args.dtype, offload=args.offload, quantize=args.quantize)
+    pipe = load_pipeline(**settings)
+    source = ModelSource(**settings)
     studio = Studio(pipe, source, args.out_dir)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"musar: serving on {args.host}: anyone who can reach this address can use the app.", file=sys.stderr)
