@@ -14,7 +14,7 @@ uses a checkpoint whose keys already match the model as it is, and converts BFL 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -47,25 +47,29 @@ def q8_0_bytes(weight: torch.Tensor) -> torch.Tensor:
     return packed.reshape(rows, cols // BLOCK * BLOCK_BYTES)
 
 
-def q8_0_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) with every quantizable weight as diffusers' ``GGUFParameter`` (Q8_0)."""
+Tensors = Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
+
+
+def q8_0_state_dict(tensors: Tensors) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) with every quantizable weight as diffusers' ``GGUFParameter`` (Q8_0).
+    ``tensors`` may be a state dict or a lazy stream of pairs (shards read one tensor at a time)."""
     import gguf
     from diffusers.quantizers.gguf.utils import GGUFParameter
 
-    for name, tensor in state_dict.items():
+    for name, tensor in tensors.items() if isinstance(tensors, Mapping) else tensors:
         if quantizable(name, tensor):
             yield name, GGUFParameter(q8_0_bytes(tensor), quant_type=gguf.GGMLQuantizationType.Q8_0)
         else:
             yield name, tensor
 
 
-def write_gguf(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike[str], arch: str = "flux") -> Path:
-    """Write ``state_dict`` as a GGUF file (Q8_0 linears, float32 elsewhere), atomically."""
+def write_gguf(tensors: Tensors, path: str | os.PathLike[str], arch: str = "flux") -> Path:
+    """Write ``tensors`` as a GGUF file (Q8_0 linears, float32 elsewhere), atomically."""
     import gguf
 
     with atomic_path(path) as tmp:
         writer = gguf.GGUFWriter(str(tmp), arch)
-        for name, tensor in q8_0_state_dict(state_dict):
+        for name, tensor in q8_0_state_dict(tensors):
             qtype = getattr(tensor, "quant_type", None)
             if qtype is None:
                 writer.add_tensor(name, tensor.detach().float().cpu().numpy())

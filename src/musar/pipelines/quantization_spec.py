@@ -73,6 +73,12 @@ class QuantizeSpec:
             return
         if self.mode == "gguf":
             check_gguf_file(self.path)
+        self.check_backend(device)
+
+    def check_backend(self, device: str | None = None) -> None:
+        """The package this mode needs is installed and the device can run it."""
+        if not self.enabled:
+            return
         package, extra = _NEEDS[self.mode]
         if importlib.util.find_spec(package) is None:
             raise MusarError(f"--quantize {self.mode} needs the {package} package: pip install 'musar[{extra}]'")
