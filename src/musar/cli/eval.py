@@ -167,7 +167,7 @@ def build_generator(args: argparse.Namespace) -> Any:
         lora=args.lora,
         dtype=args.dtype,
         attention=args.attention,
-        quantize=args.quantize,
+        **({"quantize": args.quantize} if args.quantize != "none" else {}),
         **ablation.load_kwargs,
     )
     # Optional call settings, passed only where the pipeline takes them: the per-call attention
