@@ -68,7 +68,9 @@ def test_dry_run_writes_every_part(tmp_path: Path) -> None:
 
 
 def test_time_box_stops_a_part_and_the_next_one_runs(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "musar.bench.suite", str(tmp_path), "--dry-run",
+    """With --spawn (fresh interpreters: the path the suite falls back to), so both ways of
+    starting a part are exercised (the dry run above forks)."""
+    proc = subprocess.run([sys.executable, "-m", "musar.bench.suite", str(tmp_path), "--dry-run", "--spawn",
                            "--parts", "attention", "forward", "--box", "attention=0.01"],
                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr[-2000:]

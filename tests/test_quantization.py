@@ -35,6 +35,8 @@ from musar.pipelines.quantization_spec import QUANTIZE_CHOICES, QuantizeSpec
 
 from helpers import make_inputs
 
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+DOG, BACKPACK = str(EXAMPLES / "dog.jpg"), str(EXAMPLES / "backpack.jpg")
 HAS_TORCHAO = importlib.util.find_spec("torchao") is not None
 HAS_GGUF = importlib.util.find_spec("gguf") is not None
 needs_torchao = pytest.mark.skipif(not HAS_TORCHAO, reason="torchao is not installed (pip install 'musar[quant]')")
@@ -120,7 +122,7 @@ def test_missing_backend_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_cli_rejects_bad_quantize_values_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from musar.cli import main
 
-    base = ["generate", "--preset", "tiny", "--prompt", "a dog", "--subject", "examples/dog.jpg", "a dog",
+    base = ["generate", "--preset", "tiny", "--prompt", "a dog", "--subject", DOG, "a dog",
             "--out", str(tmp_path / "x.png")]
     with pytest.raises(SystemExit) as e:
         main([*base, "--quantize", "int4"])
@@ -152,6 +154,15 @@ def test_torchao_pipeline_is_close_smaller_and_keeps_its_lora(tiny_folder: Path,
     assert 0 < err <= TOLERANCE[mode], err
     # The transformer's weights take less memory (float32 base: int8 / fp8 is ~1/4 per linear).
     assert weight_bytes(quant.transformer) < 0.5 * weight_bytes(plain.transformer)
+    # The LoRA trains over the quantised base: gradients reach the same LoRA parameters as without
+    # quantisation (text-stream layers have no NOISE rows, so their noise branch gets none in both).
+    def trained(pipe: object) -> set[str]:
+        model = pipe.transformer  # type: ignore[attr-defined]
+        model(**make_inputs(model, num_conditions=2)).sample.square().mean().backward()
+        return {n for n, p in lora_named_parameters(model) if p.grad is not None and p.grad.abs().sum() > 0}
+
+    reached = trained(quant)
+    assert reached == trained(plain) and len(reached) > 24
 
 
 @needs_torchao
@@ -232,7 +243,7 @@ def test_cli_generates_with_int8wo(tmp_path: Path) -> None:
 
     out = tmp_path / "q.png"
     code = main(["generate", "--preset", "tiny", "--quantize", "int8wo", "--prompt", "a dog and a red backpack",
-                 "--subject", "examples/dog.jpg", "a dog", "--subject", "examples/backpack.jpg", "a red backpack",
+                 "--subject", DOG, "a dog", "--subject", BACKPACK, "a red backpack",
                  "--steps", "2", "--height", "64", "--width", "64", "--out", str(out)])
     assert code == 0 and out.is_file()
     assert json.loads(out.with_suffix(".json").read_text())["quantize"] == "int8wo"
@@ -288,18 +299,26 @@ def test_gpu_quantised_pipeline_generates_and_trains_lora(tiny_folder: Path, lor
     assert quant.transformer.device.type == "cuda"
     err = _relative_error(_output(quant.transformer, "cuda", torch.bfloat16), _output(plain.transformer, "cuda", torch.bfloat16))
     assert 0 < err <= TOLERANCE[mode], err
-    # LoRA gradients flow over the quantised base (bf16 LoRA in the layer's compute dtype).
-    params = [p for _, p in lora_named_parameters(quant.transformer)]
-    assert all(p.dtype == torch.bfloat16 for p in params)
-    inputs = make_inputs(quant.transformer, num_conditions=2)
-    inputs = {k: v.cuda().to(torch.bfloat16) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in inputs.items()}
-    cond = inputs["conditions"]
-    for name in ("image_latents", "text_embeds", "image_ids"):
-        setattr(cond, name, [t.cuda().to(torch.bfloat16) for t in getattr(cond, name)])
-    cond.spans = cond.spans.cuda()
-    quant.transformer(**inputs).sample.float().square().mean().backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
-    image = quant(prompt="a dog and a red backpack", subjects=[("examples/dog.jpg", "a dog"), ("examples/backpack.jpg", "a red backpack")],
+    # LoRA gradients flow over the quantised base (bf16 LoRA in the layer's compute dtype) to the
+    # same parameters as without quantisation.
+    assert all(p.dtype == torch.bfloat16 for _, p in lora_named_parameters(quant.transformer))
+
+    def trained(model: MusarTransformer) -> set[str]:
+        inputs = make_inputs(model, num_conditions=2)
+        inputs = {k: v.cuda().to(torch.bfloat16) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                  for k, v in inputs.items()}
+        cond = inputs["conditions"]
+        for name in ("image_latents", "text_embeds", "image_ids"):
+            setattr(cond, name, [t.cuda().to(torch.bfloat16) for t in getattr(cond, name)])
+        cond.spans = cond.spans.cuda()
+        model(**inputs).sample.float().square().mean().backward()
+        grads = {n: p.grad for n, p in lora_named_parameters(model) if p.grad is not None}
+        assert all(torch.isfinite(g).all() for g in grads.values())
+        return {n for n, g in grads.items() if g.abs().sum() > 0}
+
+    reached = trained(quant.transformer)
+    assert reached == trained(plain.transformer) and len(reached) > 24
+    image = quant(prompt="a dog and a red backpack", subjects=[(DOG, "a dog"), (BACKPACK, "a red backpack")],
                   height=64, width=64, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (64, 64)
 

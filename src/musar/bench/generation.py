@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from PIL import Image
 
 from musar.bench.attention import time_call
 from musar.bench.forward import bench_inputs, build_random_model
-from musar.bench.settings import FLUX_DEV_CONFIG, Settings
+from musar.bench.settings import FLUX_DEV_CONFIG, TINY_CONFIG, Settings
 from musar.errors import MusarError
 from musar.pipelines.pipeline_musar import MusarPipeline
 from musar.pipelines.quantization import weight_bytes
@@ -41,23 +42,48 @@ FLUX_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=2
 COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "vae")
 
 
-def random_flux_pipeline(device: torch.device, dtype: torch.dtype, seed: int = 0) -> MusarPipeline:
-    """FLUX.1-dev's architecture, every component random, built on ``device`` in ``dtype``."""
+@dataclass(frozen=True)
+class PipelineConfigs:
+    """The configs of every component of a FLUX pipeline."""
+
+    transformer: dict[str, Any]
+    t5: dict[str, Any]
+    clip: dict[str, Any]
+    vae: dict[str, Any]
+    scheduler: dict[str, Any] = field(default_factory=lambda: dict(FLUX_SCHEDULER))
+
+
+FLUX_DEV = PipelineConfigs(FLUX_DEV_CONFIG, FLUX_T5, FLUX_CLIP, FLUX_VAE)
+# The same architecture at toy size (the dry run): widths tie as in FLUX (T5 width = joint
+# attention width, CLIP width = pooled width, VAE latent channels = transformer channels / 4).
+TINY = PipelineConfigs(
+    TINY_CONFIG,
+    dict(FLUX_T5, vocab_size=64, d_model=TINY_CONFIG["joint_attention_dim"], d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+         relative_attention_num_buckets=8),
+    dict(FLUX_CLIP, vocab_size=64, hidden_size=TINY_CONFIG["pooled_projection_dim"], intermediate_size=32,
+         num_hidden_layers=1, num_attention_heads=2, projection_dim=TINY_CONFIG["pooled_projection_dim"]),
+    dict(FLUX_VAE, block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=TINY_CONFIG["in_channels"] // 4,
+         norm_num_groups=4, sample_size=64),
+)
+
+
+def random_flux_pipeline(device: torch.device, dtype: torch.dtype, configs: PipelineConfigs = FLUX_DEV, seed: int = 0) -> MusarPipeline:
+    """FLUX.1-dev's architecture (or ``configs``), every component random, built on ``device`` in ``dtype``."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     words = f"{PROMPT} {' '.join(PHRASES)}".split()
     tokenizer, tokenizer_2 = word_level_tokenizer(words, 77), word_level_tokenizer(words, 512)
     ids = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
-    transformer = build_random_model(FLUX_DEV_CONFIG, device, dtype, seed)
+    transformer = build_random_model(configs.transformer, device, dtype, seed)
     torch.manual_seed(seed)
     # Built in float32 on the device and cast: the encoders' own initialisers, seconds on a GPU.
     with torch.device(device):
-        text_encoder = CLIPTextModel(CLIPTextConfig(**FLUX_CLIP, bos_token_id=tokenizer.eos_token_id, **ids))
-        text_encoder_2 = T5EncoderModel(T5Config(**FLUX_T5, decoder_start_token_id=0, **ids))
-        vae = AutoencoderKL(**FLUX_VAE)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**configs.clip, bos_token_id=tokenizer.eos_token_id, **ids))
+        text_encoder_2 = T5EncoderModel(T5Config(**configs.t5, decoder_start_token_id=0, **ids))
+        vae = AutoencoderKL(**configs.vae)
     return MusarPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=vae.to(dtype).eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(**configs.scheduler), vae=vae.to(dtype).eval(),
         text_encoder=text_encoder.to(dtype).eval(), tokenizer=tokenizer, text_encoder_2=text_encoder_2.to(dtype).eval(),
         tokenizer_2=tokenizer_2, transformer=transformer,
     )

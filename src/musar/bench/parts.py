@@ -216,14 +216,14 @@ def part_generate(size: SuiteSize, rec: PartRecord, root: Path, scratch: Path) -
 
 
 def _build_pipeline(size: SuiteSize, device: Any) -> Any:
+    """The random pipeline: FLUX.1-dev in bf16, or the same builder at toy size in float32."""
     import torch
 
-    from musar.bench.generation import random_flux_pipeline
-    from musar.pipelines.presets import tiny_pipeline
+    from musar.bench.generation import FLUX_DEV, TINY, random_flux_pipeline
 
     if size.name == "tiny":
-        return tiny_pipeline().to(device)
-    return random_flux_pipeline(device, torch.bfloat16)
+        return random_flux_pipeline(device, torch.float32, TINY)
+    return random_flux_pipeline(device, torch.bfloat16, FLUX_DEV)
 
 
 def part_quantization(size: SuiteSize, rec: PartRecord, root: Path, scratch: Path) -> None:

@@ -79,7 +79,7 @@ def _generate(res: dict[str, Any]) -> list[str]:
     return _table(["steps", "size", "seconds", "encode s", "denoise s", "peak GB", "weights GiB (transformer / T5 / CLIP / VAE)"],
                   [[str(g.get("steps", "-")), f"{res.get('height')}x{res.get('width')}, c = {res.get('c')}", _f(g.get("seconds")),
                     _f(g.get("encode_s")), _f(g.get("denoise_s")), _f(g.get("peak_gb")),
-                    " / ".join(_f(w.get(k)) for k in ("transformer", "text_encoder_2", "text_encoder", "vae"))]])
+                    " / ".join(_f(w.get(k), ".3g") for k in ("transformer", "text_encoder_2", "text_encoder", "vae"))]])
 
 
 def _quantization(res: dict[str, Any]) -> list[str]:
@@ -92,7 +92,7 @@ def _quantization(res: dict[str, Any]) -> list[str]:
             continue
         w, g = m["weights_gib"], m["generate"]
         ratio = m["forward_ms"] / base["forward_ms"] if base else None
-        rows.append([m["mode"], "ok", _f(w["transformer"]), _f(w["text_encoder_2"]), _f(m["forward_ms"], ".1f"), _f(ratio),
+        rows.append([m["mode"], "ok", _f(w["transformer"], ".3g"), _f(w["text_encoder_2"], ".3g"), _f(m["forward_ms"], ".1f"), _f(ratio),
                      _f(g.get("peak_gb")), _f(m.get("load_s"), ".0f")])
     return _table(["mode", "status", "transformer GiB", "T5 GiB", "forward ms (c = 2)", "x none", "pipeline peak GB", "load s"], rows)
 

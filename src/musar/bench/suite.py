@@ -183,8 +183,8 @@ def run_child(
     logf.write(f"\n===== {name} (box {box:.0f} s, {'forked' if fork else 'fresh interpreter'}) {time.strftime('%H:%M:%S')} =====\n")
     logf.flush()
     t0 = time.time()
-    pid = _fork_part(name, path, size, scratch, logf) if fork else _spawn_part(name, path, size, scratch, logf)
-    code = _wait(pid, box)
+    child = _fork_part(name, path, size, scratch, logf) if fork else _spawn_part(name, path, size, scratch, logf)
+    code = _wait(child, box)
     wall = time.time() - t0
     data = _read(path)
     if code is None:
@@ -220,23 +220,30 @@ def _fork_part(name: str, path: Path, size: str, scratch: Path, logf: Any) -> in
         os._exit(code)  # never return into the parent's loop (or its clean-up)
 
 
-def _spawn_part(name: str, path: Path, size: str, scratch: Path, logf: Any) -> int:
+def _spawn_part(name: str, path: Path, size: str, scratch: Path, logf: Any) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "musar.bench.suite", "--run-part", name, "--part-out", str(path), "--size", size,
            "--scratch", str(scratch)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True).pid
+    return subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
-def _wait(pid: int, box: float) -> int | None:
+def _wait(child: int | subprocess.Popen[bytes], box: float) -> int | None:
     """The exit code, or None after killing the part's process group at the end of its box."""
+    if isinstance(child, subprocess.Popen):
+        try:
+            return child.wait(timeout=max(box, 0.0))
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)  # the part and anything it started (compile workers)
+            child.wait()
+            return None
     end = time.monotonic() + max(box, 0.0)
     while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
+        done, status = os.waitpid(child, os.WNOHANG)
         if done:
             return os.waitstatus_to_exitcode(status)
         if time.monotonic() >= end:
-            os.killpg(pid, signal.SIGKILL)  # the part and anything it started (compile workers)
-            os.waitpid(pid, 0)
+            os.killpg(child, signal.SIGKILL)
+            os.waitpid(child, 0)
             return None
         time.sleep(0.1)
 
