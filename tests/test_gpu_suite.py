@@ -51,7 +51,7 @@ def test_dry_run_writes_every_part(tmp_path: Path) -> None:
     assert res["train_step"]["meta"]["attention"] == "flash"
     assert res["generate"]["generate"]["steps"] == 2 and res["generate"]["generate"]["seconds"] > 0
     rows = {r["mode"]: r for r in res["quantization"]["modes"]}
-    assert list(rows) == ["none", "int8wo", "fp8wo", "nf4", "gguf"]
+    assert list(rows) == ["none", "nf4", "int8wo", "fp8wo", "gguf"]
     assert rows["none"]["status"] == "ok" and rows["none"]["forward_ms"] > 0
     assert rows["nf4"]["status"] == "skipped" and ("CUDA" in rows["nf4"]["reason"] or "bitsandbytes" in rows["nf4"]["reason"])
     if HAS_TORCHAO:

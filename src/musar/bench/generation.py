@@ -126,9 +126,11 @@ def component_gib(pipe: MusarPipeline) -> dict[str, float]:
 
 
 def save_pipeline(pipe: MusarPipeline, scratch: Path) -> dict[str, Any]:
+    """``pipe`` saved as ``scratch/pipeline``, renamed into place only once complete."""
     t0 = time.perf_counter()
-    folder = scratch / "pipeline"
-    pipe.save_pretrained(folder)
+    folder, partial = scratch / "pipeline", scratch / "pipeline.partial"
+    pipe.save_pretrained(partial)
+    partial.rename(folder)
     return {"folder": str(folder), "save_s": time.perf_counter() - t0}
 
 

@@ -44,8 +44,11 @@ def format_report(out: Path) -> str:
                            for n, t in targets.items()])]
     if "note" in summary.get("targets", {}):
         lines += ["", summary["targets"]["note"]]
+    forward = _load(out / "forward.json").get("results", {})
+    auto = forward.get("auto_backend")
+    bf16 = next((r["ms"] for r in forward.get("forward", []) if r["c"] == 2 and r["mode"] == auto), None)
     for name, fn in (("forward", _forward), ("attention", _attention), ("train_step", _train),
-                     ("generate", _generate), ("quantization", _quantization), ("pytest", _pytest)):
+                     ("generate", _generate), ("quantization", lambda r: _quantization(r, bf16)), ("pytest", _pytest)):
         res = _load(out / f"{name}.json").get("results")
         if res:
             lines += ["", f"### {name}", "", *fn(res)]
@@ -82,19 +85,22 @@ def _generate(res: dict[str, Any]) -> list[str]:
                     " / ".join(_f(w.get(k), ".3g") for k in ("transformer", "text_encoder_2", "text_encoder", "vae"))]])
 
 
-def _quantization(res: dict[str, Any]) -> list[str]:
+def _quantization(res: dict[str, Any], bf16_ms: float | None) -> list[str]:
+    """One row per mode; ``x bf16`` against the unquantised c = 2 forward: this part's ``none`` row
+    if it ran one, else the forward part's row of the same shape and backend."""
     modes = res.get("modes", [])
-    base = next((m for m in modes if m["mode"] == "none" and m.get("status") == "ok"), None)
+    none = next((m for m in modes if m["mode"] == "none" and m.get("status") == "ok"), None)
+    base_ms = none["forward_ms"] if none else bf16_ms
     rows = []
     for m in modes:
         if m.get("status") != "ok":
             rows.append([m["mode"], m.get("status", "-"), (m.get("reason") or m.get("error") or "")[:80], "", "", "", "", ""])
             continue
         w, g = m["weights_gib"], m["generate"]
-        ratio = m["forward_ms"] / base["forward_ms"] if base else None
+        ratio = m["forward_ms"] / base_ms if base_ms else None
         rows.append([m["mode"], "ok", _f(w["transformer"], ".3g"), _f(w["text_encoder_2"], ".3g"), _f(m["forward_ms"], ".1f"), _f(ratio),
                      _f(g.get("peak_gb")), _f(m.get("load_s"), ".0f")])
-    return _table(["mode", "status", "transformer GiB", "T5 GiB", "forward ms (c = 2)", "x none", "pipeline peak GB", "load s"], rows)
+    return _table(["mode", "status", "transformer GiB", "T5 GiB", "forward ms (c = 2)", "x bf16", "pipeline peak GB", "load s"], rows)
 
 
 def _pytest(res: dict[str, Any]) -> list[str]:
