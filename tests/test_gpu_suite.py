@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from musar.bench import parts as suite_parts
-from musar.bench.suite import PARTS, run_suite, suite_values
+from musar.bench.suite import PARTS, run_suite, suite_values, warm_start
 from musar.bench.targets import judge
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,6 +79,12 @@ def test_time_box_stops_a_part_and_the_next_one_runs(tmp_path: Path) -> None:
     assert att["status"] == "timeout" and "time box" in att["error"] and att["exit_code"] is None
     assert fwd["status"] == "ok" and fwd["results"]["forward"]
     assert _json(tmp_path / "summary.json")["parts"]["attention"]["status"] == "timeout"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback where no CUDA kernel can run")
+def test_a_gpu_run_without_a_usable_gpu_falls_back_to_fresh_interpreters() -> None:
+    assert warm_start(cuda=True) is False  # the forked probe could not run a CUDA kernel
+    assert warm_start(cuda=False) is True  # the dry run forks
 
 
 def test_parts_without_budget_are_skipped_not_started(tmp_path: Path) -> None:

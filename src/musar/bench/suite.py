@@ -154,9 +154,8 @@ WARM_MODULES = ("torch", "diffusers", "transformers", "pytest", "musar.bench.par
 
 def warm_start(cuda: bool) -> bool:
     """Import the stack for forked parts; False (fresh interpreters instead) where forking would
-    be unsafe: no fork on this platform, the CUDA driver already loaded in this process (a child
-    cannot use a CUDA context initialised before the fork), or a forked probe that cannot use the
-    GPU."""
+    be unsafe: no fork on this platform, or, for a GPU run, a forked probe that cannot run a CUDA
+    kernel (as happens when something initialised CUDA in this process before the fork)."""
     if not hasattr(os, "fork"):
         return False
     import importlib
@@ -164,17 +163,13 @@ def warm_start(cuda: bool) -> bool:
     for name in WARM_MODULES:
         with contextlib.suppress(Exception):  # the part that needs it reports the failure itself
             importlib.import_module(name)
-    try:
-        with open("/proc/self/maps", encoding="utf-8") as f:
-            if "libcuda.so" in f.read():
-                return False
-    except OSError:
-        return False
     return not cuda or _wait(_fork_probe(), 120) == 0
 
 
 def _fork_probe() -> int:
     """A forked child that initialises CUDA and runs one kernel (exit code 0 if it can)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
     pid = os.fork()
     if pid:
         return pid
@@ -218,6 +213,8 @@ def run_child(
 
 
 def _fork_part(name: str, path: Path, size: str, scratch: Path, logf: Any) -> int:
+    sys.stdout.flush()  # nothing buffered in the parent may be written twice
+    sys.stderr.flush()
     pid = os.fork()
     if pid:
         return pid
