@@ -133,6 +133,14 @@ def test_cli_rejects_bad_quantize_values_in_one_line(tmp_path: Path, capsys: pyt
     assert not (tmp_path / "x.png").exists()
 
 
+def test_ui_command_box_repeats_the_quantisation() -> None:
+    from musar.ui.logic import ModelSource
+
+    assert ModelSource(preset="tiny", quantize="int8wo").cli_args() == ["--preset", "tiny", "--quantize", "int8wo"]
+    assert ModelSource(quantize="gguf:rel/flux.gguf").cli_args() == ["--quantize", f"gguf:{Path('rel/flux.gguf').resolve()}"]
+    assert "--quantize" not in ModelSource().cli_args()
+
+
 # ---- torchao on CPU: the tiny pipeline ----------------------------------------------------
 
 
