@@ -7,13 +7,13 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo lint clean
+.PHONY: venv test demo lint clean gpu-wheels gpu-check-dry
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,train,ui]"
+	$(PY) -m pip install -q -e ".[dev,train,ui,quant]"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -33,6 +33,14 @@ demo: $(STAMP)
 		--subject examples/backpack.jpg "a red backpack" \
 		--steps 4 --height 256 --width 256 --seed 0 \
 		--out outputs/demo.png --routing-maps outputs/demo_routing
+
+# The GPU suite (bench/README.md): the wheels a bare GPU machine lacks, into .whl/ (git-ignored,
+# carried by the device run), and the suite's dry run at tiny sizes on this CPU.
+gpu-wheels:
+	bash bench/fetch_gpu_wheels.sh
+
+gpu-check-dry: $(STAMP)
+	PYTHON=$(PY) bash bench/gpu_check.sh outputs/gpu-check-dry --dry-run
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

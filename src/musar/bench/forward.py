@@ -114,18 +114,27 @@ def _mode_calls(
     return calls
 
 
-def forward_bench(s: Settings) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Every requested mode for every c; returns the rows and the routes' share per condition."""
+def forward_bench(
+    s: Settings, on_row: Callable[[list[dict[str, Any]]], None] | None = None
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every requested mode for every c; returns the rows and the routes' share per condition.
+    ``on_row(rows)`` is called after each measured row (the GPU suite saves partial results)."""
     model = build_random_model(s.config, s.device, s.dtype, s.seed)
     rows: list[dict[str, Any]] = []
     routes: dict[str, Any] = {}
+
+    def add(new: list[dict[str, Any]]) -> None:
+        rows.extend(new)
+        if on_row is not None:
+            on_row(rows)
+
     with torch.no_grad():
         for c in s.refs:
             base, cond = bench_inputs(model, s, c)
             for mode, fn in _mode_calls(model, base, cond, s.modes).items():
-                rows.append(_timed_row(c, mode, fn, s))
+                add([_timed_row(c, mode, fn, s)])
             if cond is not None and "cached" in s.modes:
-                rows.extend(_cached_rows(model, base, cond, c, s))
+                add(_cached_rows(model, base, cond, c, s))
             if cond is not None and c >= 2:
                 routes[str(c)] = _route_share(model, base, cond)
     plain = next((r["ms"] for r in rows if r["mode"] == "plain"), None)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from musar.bench.settings import SCHEMA, Settings, settings_from_args
+from musar.bench.targets import forward_values, judge
 from musar.errors import MusarError
 from musar.utils.io import atomic_write_json, check_writable
 
@@ -103,40 +104,10 @@ def _attention(s: Settings) -> list[dict[str, Any]]:
     ]
 
 
-def _row(result: dict[str, Any], c: int, mode: str) -> dict[str, Any] | None:
-    return next((r for r in result["forward"] if r["c"] == c and r["mode"] == mode), None)
-
-
 def evaluate_targets(result: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """The issue's H100 targets, computed from this run; ``met`` only on CUDA."""
-    auto = result["meta"]["auto_backend"]
-    att = {a["c"]: a for a in result["attention"]}
-
-    def ratio(a: dict[str, Any] | None, b: dict[str, Any] | None, key: str = "ms") -> float | None:
-        return a[key] / b[key] if a and b and a.get(key) and b.get(key) else None
-
-    def routed(c: int) -> float | None:
-        a = att.get(c, {})
-        return a.get("ratio_vs_fastest_unmasked", {}).get(f"routed_{auto}")
-
-    dyn = ratio(_row(result, 2, auto), _row(result, 2, "static_only"))
-    values: dict[str, tuple[float | None, float]] = {
-        "attention_routed_vs_fastest_unmasked_c2": (routed(2), 1.0),
-        "attention_routed_vs_fastest_unmasked_c4": (routed(4), 0.85),
-        "forward_fast_vs_naive_c2": (ratio(_row(result, 2, "fast"), _row(result, 2, "naive")), 0.9),
-        f"forward_{auto}_vs_naive_c2": (ratio(_row(result, 2, auto), _row(result, 2, "naive")), 0.9),
-        "dynamic_routing_overhead_c2": (None if dyn is None else dyn - 1.0, 0.03),
-        "cached_vs_plain_c2": (ratio(_row(result, 2, "cached"), _row(result, 0, "plain")), 1.10),
-        "peak_memory_vs_naive_c2": (ratio(_row(result, 2, auto), _row(result, 2, "naive"), "peak_mib"), 1.02),
-    }
-    cuda = device.type == "cuda"
-    out: dict[str, Any] = {
-        name: {"value": v, "limit": limit, "met": (v <= limit) if cuda and v is not None else None}
-        for name, (v, limit) in values.items()
-    }
-    if not cuda:
-        out["note"] = "CPU run: the targets are for an H100 in bf16 and are not judged here"
-    return out
+    """The issue's targets that one ``musar bench`` run measures; ``met`` only on CUDA."""
+    values = forward_values(result["forward"], result["attention"], result["meta"]["auto_backend"])
+    return judge(values, device.type == "cuda")
 
 
 def _fmt(x: float | None, spec: str) -> str:

@@ -22,6 +22,7 @@ from PIL import Image
 from musar.cli.args import add, each, value
 from musar.errors import MusarError
 from musar.eval.protocols import DEFAULT_SEEDS, PROTOCOLS, build_cases
+from musar.pipelines import quantization_spec as quant
 from musar.utils.validation import (
     COUNT,
     GUIDANCE,
@@ -99,6 +100,8 @@ def add_parser(subparsers: Any) -> None:
     add(p, "--steps", type=STEPS, default=28, help=f"denoising steps ({STEPS.describe()})")
     add(p, "--guidance", type=GUIDANCE, default=3.5, help=f"FLUX guidance scale ({GUIDANCE.describe()})")
     add(p, "--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    add(p, "--quantize", choices=quant.QUANTIZE_CHOICES, default="none", metavar=quant.METAVAR, help=quant.HELP,
+        check=value(quant.check_quantize_arg))
     add(p, "--attention", choices=ATTENTION_BACKENDS, default="fast", help="routed attention backend")
     add(p, "--metrics-batch-size", type=METRICS_BATCH, default=32, help=METRICS_BATCH.describe())
     add(p, "--skip-metrics", action="store_true", help="only generate images and grids")
@@ -169,6 +172,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "steps": args.steps,
         "guidance": args.guidance,
         "dtype": args.dtype,
+        # only when set, so run folders made before --quantize existed still resume
+        **({"quantize": args.quantize} if args.quantize != "none" else {}),
         "attention": args.attention,
         "limit": args.limit,
         "label": args.label,
@@ -200,6 +205,7 @@ def build_generator(args: argparse.Namespace) -> Any:
         lora=args.lora,
         dtype=args.dtype,
         attention=args.attention,
+        **({"quantize": args.quantize} if args.quantize != "none" else {}),
         **ablation.load_kwargs,
     )
     # Optional call settings, passed only where the pipeline takes them: the per-call attention

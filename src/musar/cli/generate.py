@@ -10,6 +10,7 @@ from typing import Any
 
 from musar.cli.args import add, value
 from musar.errors import MusarError
+from musar.pipelines import quantization_spec as quant
 from musar.utils.io import atomic_path, atomic_write_json, write_image_and_sidecar
 from musar.utils.validation import (
     CONDITION_SIZE,
@@ -80,6 +81,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     add(p, "--offload", choices=["none", "model", "sequential"], default="none", help="CPU offload for low VRAM")
     add(p, "--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    add(p, "--quantize", choices=quant.QUANTIZE_CHOICES, default="none", metavar=quant.METAVAR, help=quant.HELP,
+        check=value(quant.check_quantize_arg))
     p.set_defaults(func=run)
 
 
@@ -136,7 +139,9 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.preset and get_preset(args.preset).random_weights:
         print(f"musar: preset {args.preset!r} has RANDOM weights: the image is noise, for smoke tests only.", file=sys.stderr)
-    pipe = load_pipeline(model=args.model, preset=args.preset, lora=args.lora, dtype=args.dtype, offload=args.offload)
+    pipe = load_pipeline(
+        model=args.model, preset=args.preset, lora=args.lora, dtype=args.dtype, offload=args.offload, quantize=args.quantize
+    )
     load_s = time.perf_counter() - t0
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     result = pipe(
@@ -195,6 +200,7 @@ def _sidecar(
         "independent_conditions": args.independent_conditions,
         "offload": args.offload,
         "dtype": args.dtype,
+        "quantize": args.quantize,
         "device": str(pipe._execution_device),
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
     }

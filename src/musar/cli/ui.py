@@ -13,6 +13,7 @@ import sys
 
 from musar.cli.args import add, value
 from musar.errors import MusarError
+from musar.pipelines import quantization_spec as quant
 from musar.utils.validation import (
     DEFAULT_MAX_IMAGE_PIXELS,
     MAX_IMAGE_PIXELS,
@@ -41,6 +42,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help=f"refuse uploaded references above this many pixels (default {DEFAULT_MAX_IMAGE_PIXELS:,})")
     add(p, "--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     add(p, "--offload", choices=["none", "model", "sequential"], default="none", help="CPU offload for low VRAM")
+    add(p, "--quantize", choices=quant.QUANTIZE_CHOICES, default="none", metavar=quant.METAVAR, help=quant.HELP,
+        check=value(quant.check_quantize_arg))
     p.set_defaults(func=run)
 
 
@@ -86,8 +89,9 @@ def run(args: argparse.Namespace) -> int:
     if args.preset and get_preset(args.preset).random_weights:
         print(f"musar: preset {args.preset!r} has RANDOM weights: images are noise, for trying the app only.", file=sys.stderr)
     print("musar: loading the model (once, before serving)...", file=sys.stderr)
-    pipe = load_pipeline(model=args.model, preset=args.preset, lora=args.lora, dtype=args.dtype, offload=args.offload)
-    source = ModelSource(model=args.model, preset=args.preset, lora=args.lora, dtype=args.dtype, offload=args.offload)
+    settings = dict(model=args.model, preset=args.preset, lora=args.lora, dtype=args.dtype, offload=args.offload, quantize=args.quantize)
+    pipe = load_pipeline(**settings)
+    source = ModelSource(**settings)
     studio = Studio(pipe, source, args.out_dir)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"musar: serving on {args.host}: anyone who can reach this address can use the app.", file=sys.stderr)

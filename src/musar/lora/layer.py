@@ -70,7 +70,7 @@ class BranchLoRALinear(nn.Module):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
-        dev, dtype = base_layer.weight.device, base_layer.weight.dtype
+        dev, dtype = base_layer.weight.device, compute_dtype(base_layer)
         for name, (rank, scale) in config.branches().items():
             self.lora_A[name] = nn.Linear(base_layer.in_features, rank, bias=False, device=dev, dtype=dtype)
             self.lora_B[name] = nn.Linear(rank, base_layer.out_features, bias=False, device=dev, dtype=dtype)
@@ -95,6 +95,14 @@ class BranchLoRALinear(nn.Module):
             pieces.append(rows)
             pos += length
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-2)
+
+
+def compute_dtype(layer: nn.Linear) -> torch.dtype:
+    """The dtype a linear computes in: its weight's, unless the weight is packed integers
+    (bitsandbytes nf4, GGUF), whose layers carry the compute dtype themselves."""
+    if layer.weight.dtype.is_floating_point:
+        return layer.weight.dtype
+    return getattr(layer, "compute_dtype", None) or torch.float32
 
 
 def stream_of(module_path: str) -> Stream:

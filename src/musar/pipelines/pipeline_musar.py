@@ -27,6 +27,7 @@ from musar.models.boxes import Box, box_candidates, check_boxes
 from musar.models.routing import RoutingOptions
 from musar.models.transformer import ConditionInputs, MusarTransformer
 from musar.pipelines.conditions import encode_references
+from musar.pipelines.quantization import split_quantization_config
 from musar.pipelines.registry import import_registered_components
 from musar.pipelines.routing_maps import RoutingRecorder
 from musar.pipelines.spans import find_subject_spans, spans_tensor
@@ -56,8 +57,14 @@ class MusarPipeline(FluxPipeline):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, **kwargs: Any) -> MusarPipeline:
-        """Load FLUX components from a hub id or a local folder; the transformer as MusarTransformer."""
+        """Load FLUX components from a hub id or a local folder; the transformer as MusarTransformer.
+
+        ``quantization_config``: a diffusers config (the transformer alone) or a
+        ``PipelineQuantizationConfig`` (also T5 etc.), see :mod:`musar.pipelines.quantization`.
+        """
         import_registered_components(pretrained_model_name_or_path)
+        transformer_quant, kwargs["quantization_config"] = split_quantization_config(kwargs.pop("quantization_config", None))
+        transformer_kwargs = {k: v for k, v in (("quantization_config", transformer_quant), ("device_map", kwargs.get("device_map"))) if v}
         # diffusers' current keyword is `dtype` (`torch_dtype` is deprecated); accept both and hand
         # the same one to every component, the MUSAR transformer included.
         torch_dtype = kwargs.pop("torch_dtype", None)
@@ -70,7 +77,7 @@ class MusarPipeline(FluxPipeline):
         try:
             if "transformer" not in kwargs:
                 kwargs["transformer"] = MusarTransformer.from_pretrained(
-                    pretrained_model_name_or_path, subfolder="transformer", **({"dtype": dtype} if dtype else {})
+                    pretrained_model_name_or_path, subfolder="transformer", **({"dtype": dtype} if dtype else {}), **transformer_kwargs
                 )
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         except (OSError, ValueError) as e:

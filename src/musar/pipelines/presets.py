@@ -19,6 +19,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 from musar.errors import MusarError
 from musar.models.transformer import MusarTransformer
 from musar.pipelines.pipeline_musar import DEFAULT_MODEL, MusarPipeline
+from musar.pipelines.quantization import load_quantized_pipeline, quantize_pipeline
+from musar.pipelines.quantization_spec import QuantizeSpec
 from musar.pipelines.registry import PresetSpec, get_preset
 from musar.utils.dtypes import DTYPE_NAMES, torch_dtype
 from musar.utils.tokenizer import word_level_tokenizer
@@ -108,15 +110,29 @@ def load_pipeline(
     device: str | None = None,
     offload: str = "none",
     single_lora: bool = False,
+    quantize: str | QuantizeSpec = "none",
 ) -> MusarPipeline:
-    """The one factory behind the CLI, evaluation and UI: a ready pipeline on its device."""
+    """The one factory behind the CLI, evaluation and UI: a ready pipeline on its device.
+
+    ``quantize``: ``none``, ``int8wo``, ``fp8wo``, ``nf4`` or ``gguf:PATH``
+    (:mod:`musar.pipelines.quantization_spec`); checked before any model loads.
+    """
     del attention  # chosen per call; accepted here so callers can pass their settings through
     if dtype not in DTYPE_NAMES:
         raise MusarError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPE_NAMES)}")
     if preset is not None and model is not None:
         raise MusarError("give either --model or --preset, not both")
+    spec = QuantizeSpec.parse(quantize)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    spec.check(device)
+    # Quantised weights are made where they will run (torchao and bitsandbytes quantise on load).
+    quant_device = device if spec.enabled and offload == "none" else None
     if preset is not None:
         pipe = get_preset(preset).build(lora is None)  # tiny models run in fp32 on CPU
+        if spec.enabled:
+            pipe = quantize_pipeline(pipe, spec, quant_device)
+    elif spec.enabled:
+        pipe = load_quantized_pipeline(model or DEFAULT_MODEL, spec, torch_dtype(dtype), quant_device)
     else:
         pipe = MusarPipeline.from_pretrained(model or DEFAULT_MODEL, dtype=torch_dtype(dtype))
     if lora is not None:
@@ -125,14 +141,13 @@ def load_pipeline(
         mode = getattr(pipe.transformer.lora_config, "mode", None)
         if mode != "shared":
             raise MusarError(f"the single-lora ablation needs a LoRA trained with mode 'shared' (got {mode})")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if offload != "none":
         if offload not in ("model", "sequential"):
             raise MusarError(f"unknown offload mode {offload!r}; expected none, model or sequential")
         if not torch.cuda.is_available():
             raise MusarError("--offload needs a CUDA GPU (it moves weights between CPU and GPU)")
         (pipe.enable_model_cpu_offload if offload == "model" else pipe.enable_sequential_cpu_offload)()
-    elif preset is not None:
+    elif preset is not None or spec.enabled:  # presets keep their dtype; quantised models cannot be cast
         pipe.to(device=device)
     else:
         pipe.to(device=device, dtype=torch_dtype(dtype))

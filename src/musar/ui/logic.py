@@ -47,6 +47,7 @@ class ModelSource:
     lora: str | None = None
     dtype: str = "bf16"
     offload: str = "none"
+    quantize: str = "none"
 
     def cli_args(self) -> list[str]:
         args: list[str] = []
@@ -62,6 +63,10 @@ class ModelSource:
             args += ["--dtype", self.dtype]
         if self.offload != "none":
             args += ["--offload", self.offload]
+        if self.quantize.startswith("gguf:"):  # the file must resolve from any directory, like --model
+            args += ["--quantize", "gguf:" + str(Path(self.quantize[5:]).resolve())]
+        elif self.quantize != "none":
+            args += ["--quantize", self.quantize]
         return args
 
 

@@ -1,0 +1,190 @@
+"""Quantised loading through diffusers' and transformers' own quantisation configs.
+
+``--quantize`` (:mod:`musar.pipelines.quantization_spec`) becomes one diffusers
+``PipelineQuantizationConfig`` whose ``quant_mapping`` names the transformer (a diffusers config)
+and the T5 encoder ``text_encoder_2`` (the matching transformers config), exactly as diffusers
+documents pipeline-level quantisation for FLUX. :meth:`MusarPipeline.from_pretrained` takes such a
+config, or a model-level diffusers config for the transformer alone, via ``quantization_config=``.
+GGUF checkpoints are single files: the transformer comes from
+``MusarTransformer.from_single_file(path, config=<model folder>, quantization_config=GGUFQuantizationConfig)``.
+
+The branch LoRA sits on top: every quantised linear is still an ``nn.Linear`` (torchao swaps the
+weight for a tensor subclass; bitsandbytes' ``Linear4bit`` and diffusers' ``GGUFLinear`` subclass
+``nn.Linear``), so :func:`musar.lora.layer.inject_branch_lora` wraps them unchanged and the LoRA
+branches compute in the layer's compute dtype.
+
+In-memory pipelines (presets such as ``tiny``) are quantised the same way, by a round trip through
+a temporary folder: there is one loading path, diffusers', never a second hand-made one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from musar.errors import MusarError
+from musar.pipelines.quantization_spec import QuantizeSpec
+
+if TYPE_CHECKING:
+    from musar.models.transformer import MusarTransformer
+    from musar.pipelines.pipeline_musar import MusarPipeline
+
+
+def _torchao_config(mode: str) -> Any:
+    from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
+
+    return Int8WeightOnlyConfig() if mode == "int8wo" else Float8WeightOnlyConfig()
+
+
+def transformer_config(spec: QuantizeSpec, dtype: torch.dtype) -> Any:
+    """The diffusers quantisation config of the transformer for ``spec`` (None for ``none``)."""
+    import diffusers
+
+    if spec.mode in ("int8wo", "fp8wo"):
+        return diffusers.TorchAoConfig(_torchao_config(spec.mode))
+    if spec.mode == "nf4":
+        return diffusers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    if spec.mode == "gguf":
+        return diffusers.GGUFQuantizationConfig(compute_dtype=dtype)
+    return None
+
+
+def text_encoder_config(spec: QuantizeSpec, dtype: torch.dtype) -> Any:
+    """The transformers quantisation config of T5 for ``spec``; GGUF files hold the transformer only."""
+    import transformers
+
+    if spec.mode in ("int8wo", "fp8wo"):
+        return transformers.TorchAoConfig(quant_type=_torchao_config(spec.mode))
+    if spec.mode == "nf4":
+        return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    return None
+
+
+def pipeline_config(spec: QuantizeSpec, dtype: torch.dtype) -> Any:
+    """``PipelineQuantizationConfig`` for the transformer and T5 (None for ``none`` and ``gguf``,
+    whose transformer is loaded from its file by :func:`load_gguf_transformer`)."""
+    if spec.mode in ("none", "gguf"):
+        return None
+    from diffusers import PipelineQuantizationConfig
+
+    return PipelineQuantizationConfig(
+        quant_mapping={"transformer": transformer_config(spec, dtype), "text_encoder_2": text_encoder_config(spec, dtype)}
+    )
+
+
+def split_quantization_config(config: Any) -> tuple[Any, Any]:
+    """``quantization_config=`` of :meth:`MusarPipeline.from_pretrained` -> (the transformer's
+    config, the pipeline config diffusers applies to the other components).
+
+    MusarPipeline loads its transformer itself (as a MusarTransformer), so a pipeline-level config
+    must be resolved for it here; a model-level diffusers config means the transformer alone.
+    """
+    if config is None:
+        return None, None
+    from diffusers import PipelineQuantizationConfig
+    from diffusers.quantizers.quantization_config import QuantizationConfigMixin
+
+    if isinstance(config, PipelineQuantizationConfig):
+        # diffusers' own resolution (quant_mapping or quant_backend + components_to_quantize)
+        return config._resolve_quant_config(is_diffusers=True, module_name="transformer"), config
+    if isinstance(config, QuantizationConfigMixin):
+        return config, None
+    raise MusarError(
+        f"quantization_config must be a diffusers quantisation config or PipelineQuantizationConfig, got {type(config).__name__}"
+    )
+
+
+def load_gguf_transformer(
+    spec: QuantizeSpec, config_source: str | os.PathLike[str], dtype: torch.dtype, device: str | None = None
+) -> MusarTransformer:
+    """The transformer from ``spec.path`` (a GGUF file) with the architecture of ``config_source``
+    (a FLUX folder or hub id with a ``transformer/`` subfolder)."""
+    from musar.models.transformer import MusarTransformer
+
+    try:
+        return MusarTransformer.from_single_file(
+            str(spec.path), config=str(config_source), subfolder="transformer",
+            quantization_config=transformer_config(spec, dtype), dtype=dtype, device=device,
+        )
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MusarError(f"cannot load GGUF transformer {spec.path}: {first}") from None
+
+
+def load_quantized_pipeline(
+    source: str | os.PathLike[str], spec: QuantizeSpec, dtype: torch.dtype, device_map: str | None = None
+) -> MusarPipeline:
+    """A FLUX folder or hub id loaded with ``spec`` applied; ``device_map`` places (and, for
+    torchao and bitsandbytes, quantises) the weights directly on that device."""
+    from musar.pipelines.pipeline_musar import MusarPipeline
+
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if spec.mode == "gguf":
+        kwargs["transformer"] = load_gguf_transformer(spec, source, dtype, device_map)
+    else:
+        kwargs["quantization_config"] = pipeline_config(spec, dtype)
+        if device_map is not None:
+            kwargs["device_map"] = device_map
+    pipe = MusarPipeline.from_pretrained(source, **kwargs)
+    if getattr(pipe, "hf_device_map", None) is not None:
+        pipe.reset_device_map()  # keep the placement, drop the mapping, so .to() and offload work as usual
+    return pipe
+
+
+def quantize_pipeline(pipe: MusarPipeline, spec: QuantizeSpec, device_map: str | None = None) -> MusarPipeline:
+    """An in-memory pipeline (a preset) quantised through the same loader, via a temporary folder.
+
+    Consumes ``pipe``. Its transformer's dtype is kept (presets choose their own); a branch LoRA
+    it carries is saved apart and loaded again on top of the quantised linears.
+    """
+    from musar.lora.io import save_branch_lora
+    from musar.lora.layer import remove_branch_lora
+
+    dtype = pipe.transformer.dtype
+    with tempfile.TemporaryDirectory(prefix="musar-quantize-") as tmp:
+        lora = None
+        if pipe.transformer.lora_config is not None:
+            lora = save_branch_lora(pipe.transformer, os.path.join(tmp, "lora.safetensors"))
+            remove_branch_lora(pipe.transformer)
+        pipe.save_pretrained(os.path.join(tmp, "model"))
+        quantized = load_quantized_pipeline(os.path.join(tmp, "model"), spec, dtype, device_map)
+        if lora is not None:
+            quantized.load_lora(lora)
+            quantized.lora_path, quantized.lora_sha256 = pipe.lora_path, pipe.lora_sha256
+    return quantized
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a weight holds, looking inside tensor subclasses (torchao) and quantisation state
+    (bitsandbytes): ``numel * element_size`` of a quantised tensor reports its logical dtype."""
+    flatten = getattr(t, "__tensor_flatten__", None)
+    if flatten is not None:
+        names, _ = flatten()
+        return sum(tensor_bytes(getattr(t, name)) for name in names)
+    size = t.numel() * t.element_size()
+    state = getattr(t, "quant_state", None)  # bitsandbytes Params4bit: absmax (and nested state2)
+    while state is not None:
+        size += state.absmax.numel() * state.absmax.element_size()
+        state = getattr(state, "state2", None)
+    return size
+
+
+def weight_bytes(module: nn.Module) -> int:
+    """Bytes of ``module``'s parameters and buffers as stored (quantised weights at their packed size)."""
+    return sum(tensor_bytes(t) for t in (*module.parameters(), *module.buffers()))
+
+
+def linear_weight_kinds(module: nn.Module) -> dict[str, int]:
+    """How many base ``nn.Linear`` layers hold each weight class (e.g. ``{'Int8Tensor': 36}``);
+    a branch LoRA's own low-rank linears are not counted."""
+    kinds: dict[str, int] = {}
+    for name, mod in module.named_modules():
+        if isinstance(mod, nn.Linear) and not {"lora_A", "lora_B"} & set(name.split(".")):
+            name = type(mod.weight).__name__
+            kinds[name] = kinds.get(name, 0) + 1
+    return kinds
+
