@@ -60,6 +60,15 @@ def _open(path: str | os.PathLike[str]):
         raise MusarError(f"{path} is not a safetensors file ({type(e).__name__}); LoRA weights load from safetensors only") from None
 
 
+def is_branch_lora_file(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a safetensors file whose header says it is a MUSAR branch LoRA."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == FORMAT
+    except Exception:  # not a safetensors file, unreadable: not ours
+        return False
+
+
 def read_lora_config(path: str | os.PathLike[str]) -> BranchLoRAConfig:
     with _open(path) as f:
         meta = f.metadata() or {}
