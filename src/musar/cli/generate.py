@@ -73,9 +73,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from musar.pipelines.presets import load_pipeline
+    from musar.pipelines.registry import get_preset
 
     t0 = time.perf_counter()
-    if args.preset:
+    if args.preset and get_preset(args.preset).random_weights:
         print(f"musar: preset {args.preset!r} has RANDOM weights: the image is noise, for smoke tests only.", file=sys.stderr)
     pipe = load_pipeline(model=args.model, preset=args.preset, lora=args.lora, dtype=args.dtype, offload=args.offload)
     load_s = time.perf_counter() - t0

@@ -61,11 +61,12 @@ def run(args: argparse.Namespace) -> int:
     check_writable(Path(args.out_dir) / "params.json")
 
     from musar.pipelines.presets import load_pipeline
+    from musar.pipelines.registry import get_preset
     from musar.ui.app import launch
     from musar.ui.backend import Studio
     from musar.ui.logic import ModelSource
 
-    if args.preset:
+    if args.preset and get_preset(args.preset).random_weights:
         print(f"musar: preset {args.preset!r} has RANDOM weights: images are noise, for trying the app only.", file=sys.stderr)
     print("musar: loading the model (once, before serving)...", file=sys.stderr)
     pipe = load_pipeline(model=args.model, preset=args.preset, lora=args.lora, dtype=args.dtype, offload=args.offload)
