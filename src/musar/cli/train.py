@@ -35,8 +35,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", default=None, metavar="latest|PATH",
                    help="continue from the newest checkpoint of the output dir, or from a checkpoint folder")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                   help="override any config key, e.g. --set optim.lr=5e-5 (repeatable)")
+                   help="override any config key, e.g. --set optim.lr=5e-5 (repeatable); see --help-config")
+    p.add_argument("--help-config", action=_HelpConfig, help="list every config key with its type, default and meaning, then exit")
     p.set_defaults(func=run)
+
+
+class _HelpConfig(argparse.Action):
+    """Like --help: prints and exits while parsing, so --config is not required for it."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: object) -> None:
+        super().__init__(option_strings, dest=dest, nargs=0, default=argparse.SUPPRESS, **kwargs)  # type: ignore[arg-type]
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        from musar.train.config import TrainConfig
+        from musar.utils.config_help import config_reference
+
+        title = ("Config keys of `musar train`: YAML keys (sections as nested mappings) or --set KEY=VALUE "
+                 "(values parsed as YAML).")
+        sys.stdout.write(config_reference(TrainConfig, title))
+        parser.exit()
 
 
 def run(args: argparse.Namespace) -> int:
