@@ -29,7 +29,9 @@ FORMAT_VERSION = "1"
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().contiguous().cpu() for name, p in lora_named_parameters(model)}
+    # Anything but a module is a view of gathered LoRA tensors (musar.train.distributed, FSDP).
+    pairs = lora_named_parameters(model) if isinstance(model, nn.Module) else model.named_parameters()
+    return {name: p.detach().contiguous().cpu() for name, p in pairs}
 
 
 def save_branch_lora(
