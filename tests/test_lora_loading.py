@@ -83,6 +83,8 @@ def test_musar_file_through_load_lora_weights_equals_load_lora(files: dict[str, 
     assert torch.equal(_forward(c)[0], _forward(a)[0])
     with pytest.raises(MusarError, match="token_kinds is for standard LoRAs"):
         tiny_pipeline().load_lora_weights(files["musar"], token_kinds=("noise",))
+    with pytest.raises(MusarError, match="loads from its safetensors file"):
+        tiny_pipeline().load_lora_weights(dict(lora_named_parameters(a.transformer)))
 
 
 def test_standard_lora_on_every_token_changes_prompt_rows_and_nothing_at_weight_0(files: dict[str, Path]) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from musar.lora.layer import release_hosts, remove_branch_lora
 from musar.lora.stacking import forget_adapters, parse_token_kinds, restrict_adapter, unwrapped_hosts
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default file name
+MUSAR_KEY = re.compile(r"\.lora_[AB]\.(noise|subject|shared)\.weight$")
 MUSAR_ADAPTER = "musar"
 NOT_FUSABLE = (
     "cannot fuse {name!r}: it adapts some token rows only (a fused weight acts on every row); "
@@ -128,6 +130,8 @@ class MusarLoraLoaderMixin:
                 raise MusarError("hotswap is for standard LoRAs; load a MUSAR LoRA again to replace its weights")
             self.load_lora(musar_file, adapter_name)
             return
+        if isinstance(source, dict) and any(MUSAR_KEY.search(k) for k in source):
+            raise MusarError("a MUSAR LoRA loads from its safetensors file (its header holds the branch config), not a dict")
         kinds = parse_token_kinds(token_kinds)
         if kinds is not None and hotswap:
             raise MusarError("token_kinds cannot be combined with hotswap")
