@@ -7,7 +7,10 @@ imported on first use, so ``import musar`` (and the ``musar`` CLI) does not impo
 from __future__ import annotations
 
 from musar.errors import MusarError
+from musar.utils import quiet
 from musar.utils.lazy import lazy_exports
+
+quiet.install()  # known harmless library messages, each dropped for a stated reason (utils/quiet.py)
 
 __version__ = "0.1.0"
 

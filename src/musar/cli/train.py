@@ -38,7 +38,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add(p, "--resume", default=None, metavar="latest|PATH", check=value(_check_resume),
         help="continue from the newest valid checkpoint of the output dir, or from a checkpoint folder")
     add(p, "--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides", type=key_value,
-        help="override any config key, e.g. --set optim.lr=5e-5 (repeatable)")
+        help="override any config key, e.g. --set optim.lr=5e-5 (repeatable); see --help-config")
+    p.add_argument("--help-config", action=_HelpConfig, help="list every config key with its type, default and meaning, then exit")
     p.set_defaults(func=run)
 
 
@@ -47,6 +48,22 @@ def _check_resume(spec: str) -> None:
     # after the config names the output folder and before any model loads.
     if spec != "latest":
         check_input_dir(spec, "checkpoint folder")
+
+
+class _HelpConfig(argparse.Action):
+    """Like --help: prints and exits while parsing, so --config is not required for it."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: object) -> None:
+        super().__init__(option_strings, dest=dest, nargs=0, default=argparse.SUPPRESS, **kwargs)  # type: ignore[arg-type]
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        from musar.train.config import TrainConfig
+        from musar.utils.config_help import config_reference
+
+        title = ("Config keys of `musar train`: YAML keys (sections as nested mappings) or --set KEY=VALUE "
+                 "(values parsed as YAML).")
+        sys.stdout.write(config_reference(TrainConfig, title))
+        parser.exit()
 
 
 def run(args: argparse.Namespace) -> int:

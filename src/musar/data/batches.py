@@ -9,6 +9,10 @@ Target size: the target is resized to height ``view_size`` and width ``view_size
 ``n = max(1, round(width / height))`` views, so a 512x512 single target stays 512x512 and a
 1024x512 diptych stays 1024x512 (each view keeps the same size); ``target_size`` overrides this.
 References are resized to ``condition_size`` squared.
+
+Images become tensors through diffusers' ``VaeImageProcessor`` with the settings
+``FluxPipeline.image_processor`` uses (Lanczos resampling, [-1, 1]): the pixels a reference
+becomes in training are the pixels it becomes at inference (one image path, no resampling skew).
 """
 
 from __future__ import annotations
@@ -17,22 +21,22 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import numpy as np
 import torch
+from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
 from musar.data.samples import Sample
 
-_RESAMPLE = Image.Resampling.BICUBIC
+# FluxPipeline's processor, less its rounding of sizes to multiples of 16 (training sizes are
+# multiples of 16 already; previews may not be).
+_PROCESSOR = VaeImageProcessor(vae_scale_factor=1)
 
 
 def to_tensor(image: Image.Image, size: tuple[int, int] | None = None) -> torch.Tensor:
     """RGB image -> float tensor (3, H, W) in [-1, 1]; ``size`` is (width, height)."""
     image = image.convert("RGB")
-    if size is not None and image.size != tuple(size):
-        image = image.resize(size, _RESAMPLE)
-    array = np.asarray(image, dtype=np.float32)
-    return torch.from_numpy(array).permute(2, 0, 1).div(127.5).sub(1.0).contiguous()
+    width, height = size if size is not None else image.size
+    return _PROCESSOR.preprocess(image, height=height, width=width)[0].contiguous()
 
 
 def to_pil(tensor: torch.Tensor) -> Image.Image:

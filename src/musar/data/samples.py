@@ -135,7 +135,7 @@ def hconcat(left: Image.Image, right: Image.Image) -> Image.Image:
     """Side by side; the right image is scaled to the left one's height if they differ."""
     if right.height != left.height:
         width = max(1, round(right.width * left.height / right.height))
-        right = right.resize((width, left.height), Image.Resampling.BICUBIC)
+        right = right.resize((width, left.height), Image.Resampling.LANCZOS)  # the pipeline's filter
     out = Image.new("RGB", (left.width + right.width, left.height))
     out.paste(left.convert("RGB"), (0, 0))
     out.paste(right.convert("RGB"), (left.width, 0))

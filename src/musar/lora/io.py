@@ -29,7 +29,9 @@ FORMAT_VERSION = "1"
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().contiguous().cpu() for name, p in lora_named_parameters(model)}
+    # Anything but a module is a view of gathered LoRA tensors (musar.train.distributed, FSDP).
+    pairs = lora_named_parameters(model) if isinstance(model, nn.Module) else model.named_parameters()
+    return {name: p.detach().contiguous().cpu() for name, p in pairs}
 
 
 def save_branch_lora(
@@ -58,6 +60,15 @@ def _open(path: str | os.PathLike[str]):
         return safe_open(str(path), framework="pt")
     except Exception as e:  # safetensors raises several types for a bad header
         raise MusarError(f"{path} is not a safetensors file ({type(e).__name__}); LoRA weights load from safetensors only") from None
+
+
+def is_branch_lora_file(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a safetensors file whose header says it is a MUSAR branch LoRA."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == FORMAT
+    except Exception:  # not a safetensors file, unreadable: not ours
+        return False
 
 
 def read_lora_config(path: str | os.PathLike[str]) -> BranchLoRAConfig:

@@ -6,10 +6,14 @@ Each branch's delta is computed only on its own row segment: rows are sliced, ne
 multiplying with zeros over the whole sequence.
 
 Which rows a linear layer sees depends on where diffusers calls it: image-stream layers see
-``[NOISE | CI...]``, text-stream layers ``[PROMPT | CT...]`` and single-stream layers the whole
-joint sequence. Each wrapped layer knows its stream; one shared :class:`RowPlan` (updated from
-the :class:`~musar.models.layout.TokenLayout` at the start of every forward) says how long each row
-group is.
+``[NOISE | CI...]``, text-stream layers ``[PROMPT | CT...]``, single-stream layers the whole
+joint sequence and the final ``proj_out`` the NOISE rows alone. Each wrapped layer knows its
+stream; one shared :class:`RowPlan` (updated from the :class:`~musar.models.layout.TokenLayout`
+at the start of every forward) says how long each row group is.
+
+The wrapper is also the *host* of standard (peft) LoRAs stacked on top: its ``base_layer`` may be
+a peft ``LoraLayer`` around the frozen linear, so a community FLUX LoRA adapts every token as
+peft computes it, or only the token kinds it was loaded for (:mod:`musar.lora.stacking`).
 
 The ablation ``mode="shared"`` ("without debiasing", paper Fig. 8) applies one LoRA to every row.
 """
@@ -25,73 +29,117 @@ import torch
 from torch import nn
 
 from musar.lora.config import BranchLoRAConfig
-from musar.models.layout import TokenLayout
+from musar.lora.peft_rows import is_peft_linear, peft_delta, peft_output_without, restricted_active
+from musar.models.layout import Kind, TokenLayout
 
-Stream = Literal["image", "text", "joint"]
+Stream = Literal["image", "text", "joint", "output"]
+
 
 class RowPlan:
-    """Row groups of each stream for the current forward: [(length, branch or None), ...]."""
+    """What every wrapped layer of one model shares: the row groups of the current forward, the
+    branch mode, the MUSAR LoRA's name and weight, and the token kinds of restricted peft LoRAs."""
 
     def __init__(self, mode: str = "dual") -> None:
         self.mode = mode
         self.layout: TokenLayout | None = None
+        self.adapter_name = "musar"  # the MUSAR LoRA's name in set_adapters / get_list_adapters
+        self.branch_scale = 1.0  # its weight (set_adapters); 1.0 leaves outputs bit-identical
+        self.branches_enabled = True  # disable_lora() / enable_lora()
+        self.adapter_kinds: dict[str, frozenset[Kind]] = {}  # peft adapters restricted to token kinds
 
     def set(self, layout: TokenLayout) -> None:
         self.layout = layout
 
-    def rows(self, stream: Stream, length: int) -> list[tuple[int, str | None]]:
+    def rows(self, stream: Stream, length: int) -> list[tuple[int, Kind]]:
+        """``[(row count, token kind), ...]`` of a ``stream`` input with ``length`` rows."""
         lay = self.layout
         if lay is None:
             raise RuntimeError("branch LoRA layers need a token layout: call them through MusarTransformer.forward")
-        if self.mode == "shared":
-            return [(length, "shared")]
         n_prompt, n_ct = lay.text_split
         n_noise, n_ci = lay.image_split
-        plans: dict[str, list[tuple[int, str | None]]] = {
-            "image": [(n_noise, "noise"), (n_ci, "subject")],
-            "text": [(n_prompt, None), (n_ct, "subject")],
-            "joint": [(n_prompt, None), (n_ct, "subject"), (n_noise, "noise"), (n_ci, "subject")],
+        plans: dict[str, list[tuple[int, Kind]]] = {
+            "image": [(n_noise, Kind.NOISE), (n_ci, Kind.COND_IMAGE)],
+            "text": [(n_prompt, Kind.PROMPT), (n_ct, Kind.COND_TEXT)],
+            "joint": [(n_prompt, Kind.PROMPT), (n_ct, Kind.COND_TEXT), (n_noise, Kind.NOISE), (n_ci, Kind.COND_IMAGE)],
+            "output": [(n_noise, Kind.NOISE)],
         }
         plan = plans[stream]
         if sum(n for n, _ in plan) != length:
             raise RuntimeError(f"{stream}-stream LoRA layer got {length} rows but the layout expects {sum(n for n, _ in plan)}")
         return plan
 
+    def branch(self, kind: Kind) -> str | None:
+        """The MUSAR branch that adapts rows of ``kind`` (None: PROMPT rows get none)."""
+        if self.mode == "shared":
+            return "shared"
+        if kind == Kind.NOISE:
+            return "noise"
+        return None if kind == Kind.PROMPT else "subject"
+
 
 class BranchLoRALinear(nn.Module):
-    """A frozen ``nn.Linear`` plus per-branch low-rank deltas applied to their own rows only."""
+    """A frozen linear plus per-branch low-rank deltas applied to their own rows only.
 
-    def __init__(self, base_layer: nn.Linear, config: BranchLoRAConfig, stream: Stream, plan: RowPlan) -> None:
+    ``base_layer`` is an ``nn.Linear`` or a peft LoRA layer around one; ``config=None`` makes a
+    host without MUSAR branches (for a peft LoRA restricted to some token kinds).
+    """
+
+    def __init__(
+        self, base_layer: nn.Module, config: BranchLoRAConfig | None, stream: Stream, plan: RowPlan
+    ) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.stream = stream
         self.plan = plan
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout: nn.Module = nn.Identity()
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
-        dev, dtype = base_layer.weight.device, compute_dtype(base_layer)
+        if config is not None:
+            self.add_branches(config)
+
+    def add_branches(self, config: BranchLoRAConfig) -> None:
+        if len(self.lora_A):
+            raise ValueError("this layer already has branch LoRA weights")
+        linear = base_linear(self.base_layer)
+        dev, dtype = linear.weight.device, compute_dtype(linear)
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         for name, (rank, scale) in config.branches().items():
-            self.lora_A[name] = nn.Linear(base_layer.in_features, rank, bias=False, device=dev, dtype=dtype)
-            self.lora_B[name] = nn.Linear(rank, base_layer.out_features, bias=False, device=dev, dtype=dtype)
+            self.lora_A[name] = nn.Linear(linear.in_features, rank, bias=False, device=dev, dtype=dtype)
+            self.lora_B[name] = nn.Linear(rank, linear.out_features, bias=False, device=dev, dtype=dtype)
             # peft's default: A random, B zero, so an injected model starts exactly at the base.
             nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B[name].weight)
             self.scaling[name] = scale
 
+    def remove_branches(self) -> None:
+        self.lora_A, self.lora_B, self.scaling, self.dropout = nn.ModuleDict(), nn.ModuleDict(), {}, nn.Identity()
+
     def delta(self, branch: str, x: torch.Tensor) -> torch.Tensor:
         a, b = self.lora_A[branch], self.lora_B[branch]
-        return b(a(self.dropout(x.to(a.weight.dtype)))) * self.scaling[branch]
+        out = b(a(self.dropout(x.to(a.weight.dtype)))) * self.scaling[branch]
+        return out if self.plan.branch_scale == 1.0 else out * self.plan.branch_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
+        plan = self.plan
+        branches = len(self.lora_A) > 0 and plan.branches_enabled
+        restricted = restricted_active(self.base_layer, plan.adapter_kinds)
+        if not branches and not restricted:
+            return self.base_layer(x)
+        # Restricted peft adapters are added below on their rows; peft computes the others.
+        out = peft_output_without(self.base_layer, x, restricted) if restricted else self.base_layer(x)
         pieces, pos = [], 0
-        for length, branch in self.plan.rows(self.stream, x.shape[-2]):
+        for length, kind in plan.rows(self.stream, x.shape[-2]):
             if length == 0:
                 continue
             rows = out[..., pos : pos + length, :]
+            xs = x[..., pos : pos + length, :]
+            branch = plan.branch(kind) if branches else None
             if branch is not None:
-                rows = rows + self.delta(branch, x[..., pos : pos + length, :]).to(out.dtype)
+                rows = rows + self.delta(branch, xs).to(out.dtype)
+            for name, kinds in restricted:
+                if kind in kinds:
+                    rows = rows + peft_delta(self.base_layer, name, xs).to(out.dtype)
             pieces.append(rows)
             pos += length
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-2)
@@ -105,10 +153,19 @@ def compute_dtype(layer: nn.Linear) -> torch.dtype:
     return getattr(layer, "compute_dtype", None) or torch.float32
 
 
+def base_linear(module: nn.Module) -> nn.Linear:
+    """The frozen ``nn.Linear`` inside a host and/or a peft layer."""
+    while not isinstance(module, nn.Linear):
+        module = module.get_base_layer() if is_peft_linear(module) else module.base_layer
+    return module
+
+
 def stream_of(module_path: str) -> Stream:
     """Which rows a linear layer sees, from its path in ``FluxTransformer2DModel``."""
     if module_path.startswith("single_transformer_blocks."):
         return "joint"
+    if module_path == "proj_out":  # MusarTransformer projects the NOISE rows only
+        return "output"
     leaf = module_path.split(".")
     if module_path == "context_embedder" or "ff_context" in leaf or leaf[-1] in {
         "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
@@ -117,51 +174,103 @@ def stream_of(module_path: str) -> Stream:
     return "image"
 
 
+def token_stream(module_path: str) -> Stream | None:
+    """:func:`stream_of` for layers whose input rows are tokens; None for the AdaLN modulation,
+    time/guidance embedding and output-norm linears, whose input is a timestep embedding."""
+    parts = module_path.split(".")
+    if parts[0] in ("transformer_blocks", "single_transformer_blocks") and len(parts) > 2:
+        return None if parts[2].startswith("norm") else stream_of(module_path)
+    if module_path in ("x_embedder", "context_embedder", "proj_out"):
+        return stream_of(module_path)
+    return None
+
+
+def _is_wrapper(module: nn.Module) -> bool:
+    return isinstance(module, BranchLoRALinear) or is_peft_linear(module)
+
+
 def matching_linears(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
-    names = [
-        name
-        for name, mod in model.named_modules()
-        if isinstance(mod, nn.Linear) and any(fnmatch.fnmatchcase(name, t) for t in targets)
-    ]
+    """Paths of the linears (plain, peft-wrapped or hosted) that ``targets`` match."""
+    names: list[str] = []
+    inside: list[str] = []  # wrappers seen: their inner linears are not targets of their own
+    for name, mod in model.named_modules():
+        if any(name.startswith(prefix) for prefix in inside):
+            continue
+        if _is_wrapper(mod):
+            inside.append(name + ".")
+        if (isinstance(mod, nn.Linear) or _is_wrapper(mod)) and any(fnmatch.fnmatchcase(name, t) for t in targets):
+            names.append(name)
     unmatched = [t for t in targets if not any(fnmatch.fnmatchcase(n, t) for n in names)]
     if unmatched:
         raise ValueError(f"LoRA target patterns match no linear layer: {unmatched}")
     return names
 
 
+def row_plan(model: nn.Module) -> RowPlan:
+    """The model's shared :class:`RowPlan`, created on first use."""
+    plan = getattr(model, "lora_plan", None)
+    if plan is None:
+        plan = RowPlan()
+        model.lora_plan = plan
+    return plan
+
+
+def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_name, _, attr = path.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
+
+
 def inject_branch_lora(model: nn.Module, config: BranchLoRAConfig) -> RowPlan:
     """Wrap the target linears of ``model`` in :class:`BranchLoRALinear`; freeze everything else."""
     if getattr(model, "lora_config", None) is not None:
         raise ValueError("this model already has a branch LoRA; remove it first")
-    plan = RowPlan(config.mode)
+    names = matching_linears(model, config.targets)
+    plan = row_plan(model)
+    plan.mode = config.mode
     model.requires_grad_(False)
-    for name in matching_linears(model, config.targets):
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        wrapper = BranchLoRALinear(getattr(parent, attr), config, stream_of(name), plan)
-        setattr(parent, attr, wrapper)
+    for name in names:
+        mod = model.get_submodule(name)
+        if isinstance(mod, BranchLoRALinear):  # a host of a restricted peft LoRA
+            mod.add_branches(config)
+        else:
+            set_submodule(model, name, BranchLoRALinear(mod, config, stream_of(name), plan))
     for p in lora_parameters(model):
         p.requires_grad_(True)
     model.lora_config = config
-    model.lora_plan = plan
     return plan
 
 
 def remove_branch_lora(model: nn.Module) -> None:
-    """Put the plain base linears back (drops the LoRA weights)."""
-    for name, mod in list(model.named_modules()):
+    """Drop the branch LoRA; layers that still host a restricted peft LoRA keep their host."""
+    for _, mod in list(model.named_modules()):
         if isinstance(mod, BranchLoRALinear):
-            parent_name, _, attr = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, attr, mod.base_layer)
+            mod.remove_branches()
     model.lora_config = None
-    model.lora_plan = None
+    release_hosts(model)
+
+
+def release_hosts(model: nn.Module, everything: bool = False) -> None:
+    """Put back the inner layer of every host that has nothing left to do (or of every host)."""
+    plan = getattr(model, "lora_plan", None)
+    kinds = plan.adapter_kinds if plan is not None else {}
+    kept = 0
+    for name, mod in list(model.named_modules()):
+        if not isinstance(mod, BranchLoRALinear):
+            continue
+        if not everything and (len(mod.lora_A) or restricted_active(mod.base_layer, kinds, loaded=True)):
+            kept += 1
+            continue
+        set_submodule(model, name, mod.base_layer)
+    if kept == 0:
+        model.lora_plan = None
 
 
 def lora_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
-    for name, p in model.named_parameters():
-        if ".lora_A." in name or ".lora_B." in name:
-            yield name, p
+    """The branch LoRA's parameters (never a stacked peft LoRA's), as saved in MUSAR files."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, BranchLoRALinear):
+            for group in ("lora_A", "lora_B"):
+                yield from getattr(mod, group).named_parameters(prefix=f"{name}.{group}")
 
 
 def lora_parameters(model: nn.Module) -> Iterator[nn.Parameter]:

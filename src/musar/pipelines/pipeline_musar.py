@@ -12,7 +12,6 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +21,17 @@ from diffusers.pipelines.flux.pipeline_flux import FluxPipeline, calculate_shift
 from PIL import Image
 
 from musar.errors import MusarError
-from musar.lora.io import file_sha256, load_branch_lora
-from musar.models.boxes import Box, box_candidates, check_boxes
+from musar.models.boxes import box_candidates, check_boxes
 from musar.models.routing import RoutingOptions
 from musar.models.transformer import ConditionInputs, MusarTransformer
 from musar.pipelines.conditions import encode_references
+from musar.pipelines.lora_loading import MusarLoraLoaderMixin
+from musar.pipelines.pipeline_output import MusarPipelineOutput
 from musar.pipelines.quantization import split_quantization_config
 from musar.pipelines.registry import import_registered_components
 from musar.pipelines.routing_maps import RoutingRecorder
 from musar.pipelines.spans import find_subject_spans, spans_tensor
+from musar.pipelines.step_callbacks import StepCallback, callback_inputs, run_step_callback
 from musar.utils.images import Fit, load_reference
 from musar.utils.io import atomic_write_json
 from musar.utils.validation import check_generation
@@ -40,20 +41,8 @@ DEFAULT_MODEL = "black-forest-labs/FLUX.1-dev"
 Subject = tuple[Image.Image | str | os.PathLike[str], str]
 
 
-@dataclass
-class MusarPipelineOutput:
-    images: list[Image.Image]
-    routing: RoutingRecorder | None = None
-    grid: tuple[int, int] = (0, 0)  # noise-token grid (rows, columns) for routing maps
-    timings: dict[str, float] = field(default_factory=dict)
-    boxes: list[Box | None] | None = None  # the checked subject boxes, for drawing them
-
-
-class MusarPipeline(FluxPipeline):
-    """FLUX.1 with MUSAR multi-subject conditioning. See ``__call__``."""
-
-    lora_path: str | None = None
-    lora_sha256: str | None = None
+class MusarPipeline(MusarLoraLoaderMixin, FluxPipeline):
+    """FLUX.1 with MUSAR multi-subject conditioning. See ``__call__``; LoRAs: ``load_lora_weights``."""
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, **kwargs: Any) -> MusarPipeline:
@@ -101,11 +90,6 @@ class MusarPipeline(FluxPipeline):
         config["_class_name"] = "FluxTransformer2DModel"
         atomic_write_json(config_path, config)
 
-    def load_lora(self, path: str | os.PathLike[str]) -> None:
-        """Load MUSAR branch-LoRA weights (safetensors) into the transformer."""
-        load_branch_lora(self.transformer, path)
-        self.lora_path, self.lora_sha256 = str(path), file_sha256(path)
-
     def _encode_phrases(self, phrases: Sequence[str], length: int, device: torch.device) -> list[torch.Tensor]:
         # FLUX encodes text padded to a fixed length without an attention mask; phrases the same.
         return [self._get_t5_prompt_embeds(prompt=p, max_sequence_length=length, device=device) for p in phrases]
@@ -119,7 +103,7 @@ class MusarPipeline(FluxPipeline):
         width: int = 1024,
         num_inference_steps: int = 28,
         guidance_scale: float = 3.5,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         num_images_per_prompt: int = 1,
         condition_size: int = 512,
         condition_fit: Fit = "pad",
@@ -137,7 +121,10 @@ class MusarPipeline(FluxPipeline):
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         progress: bool = True,
-    ) -> MusarPipelineOutput:
+        return_dict: bool = True,
+        callback_on_step_end: StepCallback | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+    ) -> MusarPipelineOutput | tuple[Any]:
         """Generate an image showing every subject.
 
         Args:
@@ -159,6 +146,12 @@ class MusarPipeline(FluxPipeline):
             outside_boxes: what tokens outside every box read: ``"all"`` (S* picks among all
                 subjects, default) or ``"none"`` (no reference). A single boxed subject is read
                 only inside its box either way. Boxes act where dynamic routing acts.
+            generator: one generator, or one per image (``num_images_per_prompt`` of them).
+            return_dict: False returns ``(images,)`` as diffusers pipelines do.
+            callback_on_step_end: ``f(pipe, step, timestep, tensors) -> dict`` after every step, as
+                in ``FluxPipeline``; ``tensors`` holds ``callback_on_step_end_tensor_inputs``
+                (``latents``, ``prompt_embeds``) and a returned tensor replaces it. Setting
+                ``pipe._interrupt = True`` skips the remaining steps.
         """
         t0 = time.perf_counter()
         if not isinstance(prompt, str) or not prompt.strip():
@@ -167,6 +160,9 @@ class MusarPipeline(FluxPipeline):
             raise MusarError("give at least one subject (reference image and phrase)")
         check_generation(height=height, width=width, steps=num_inference_steps, guidance=guidance_scale,
                          condition_size=condition_size)
+        if isinstance(generator, list) and len(generator) != num_images_per_prompt:
+            raise MusarError(f"got {len(generator)} generators for {num_images_per_prompt} images; give one per image")
+        step_inputs = callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
         routing = routing or RoutingOptions(
             dynamic=dynamic_routing, static=static_routing, backend=attention,  # type: ignore[arg-type]
             independent_conditions=independent_conditions,
@@ -224,8 +220,12 @@ class MusarPipeline(FluxPipeline):
 
         self.scheduler.set_begin_index(0)
         self.set_progress_bar_config(disable=not progress)
+        self._num_timesteps, self._interrupt, self._guidance_scale = len(timesteps), False, guidance_scale
         with self.progress_bar(total=len(timesteps)) as bar:
             for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                self._current_timestep = t
                 velocity = self.transformer(
                     hidden_states=latents,
                     encoder_hidden_states=prompt_embeds,
@@ -241,7 +241,13 @@ class MusarPipeline(FluxPipeline):
                     condition_cache=cache,
                 ).sample
                 latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    state = run_step_callback(
+                        self, callback_on_step_end, step_inputs, i, t, {"latents": latents, "prompt_embeds": prompt_embeds}
+                    )
+                    latents, prompt_embeds = state["latents"], state["prompt_embeds"]
                 bar.update()
+        self._current_timestep = None
         t_denoise = time.perf_counter()
 
         if output_type == "latent":
@@ -253,4 +259,6 @@ class MusarPipeline(FluxPipeline):
             out_images = self.image_processor.postprocess(decoded, output_type=output_type)
         self.maybe_free_model_hooks()
         timings = {"encode_s": t_encode - t0, "denoise_s": t_denoise - t_encode, "total_s": time.perf_counter() - t0}
-        return MusarPipelineOutput(out_images, recorder, grid, timings, boxes)
+        if not return_dict:
+            return (out_images,)
+        return MusarPipelineOutput(images=out_images, routing=recorder, grid=grid, timings=timings, boxes=boxes)

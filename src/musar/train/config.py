@@ -235,8 +235,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise MusarError(f"config key {key!r}: expected {_type_name(tp)}, got {value!r}")
 
 
-def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a mapping, refusing unknown keys and wrong types."""
+def from_dict(cls: type, data: Any, prefix: str = "", base: Any = None) -> Any:
+    """Build dataclass ``cls`` from a mapping, refusing unknown keys and wrong types.
+
+    Keys not in the mapping keep ``base``'s values (default: the class defaults).
+    """
     where = f"section {prefix!r}" if prefix else "the top level"
     if data is None:
         data = {}
@@ -248,9 +251,18 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     if unknown:
         key = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
         raise MusarError(f"unknown config key {key!r}; {where} accepts: {', '.join(names)}")
-    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        key, factory = f"{prefix}.{k}" if prefix else k, fields[k].default_factory
+        if dataclasses.is_dataclass(hints[k]) and isinstance(v, dict) and factory is not dataclasses.MISSING:
+            # A partial section keeps the field's own defaults, which may differ from its class's
+            # (training routes with backend "fast", RoutingOptions defaults to "auto").
+            kwargs[k] = from_dict(hints[k], v, key, base=factory())
+        else:
+            kwargs[k] = _coerce(v, hints[k], key)
     try:
-        return cls(**kwargs)
+        return cls(**kwargs) if base is None else dataclasses.replace(base, **kwargs)
     except (TypeError, ValueError) as e:
         if isinstance(e, MusarError):
             raise

@@ -19,6 +19,7 @@ from typing import Any
 import gradio as gr
 
 from musar.errors import MusarError
+from musar.pipelines.registry import get_preset
 from musar.ui.backend import NO_MAPS_NOTE, Studio
 from musar.ui.logic import (
     ATTENTION_BACKENDS,
@@ -80,7 +81,7 @@ def build_app(studio: Studio, defaults: FormDefaults | None = None) -> gr.Blocks
     defaults = defaults or FormDefaults.for_preset(studio.source.preset)
     with gr.Blocks(title="MUSAR", analytics_enabled=False) as demo:
         gr.Markdown("# MUSAR · multi-subject customization of FLUX.1 via attention routing")
-        if studio.source.preset is not None:
+        if studio.source.preset is not None and get_preset(studio.source.preset).random_weights:
             gr.Markdown(
                 f"**Preset `{studio.source.preset}` has RANDOM weights: images are noise.** "
                 "It exists to try the app without downloading FLUX.1; start with `--model` for real images.",

@@ -1,0 +1,75 @@
+"""A normal run prints no warning: the CLI on the tiny and toy presets, stderr read in a subprocess.
+
+Progress bars (tqdm, on stderr) are not warnings and are removed before the check; everything
+else on stderr must be exactly what MUSAR itself says.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+TINY_NOTICE = "musar: preset 'tiny' has RANDOM weights: the image is noise, for smoke tests only."
+
+
+def _stderr_lines(preset: str, out: Path) -> list[str]:
+    cmd = [
+        sys.executable, "-m", "musar.cli", "generate", "--preset", preset,
+        "--prompt", "a photo of a corgi and a red backpack on a beach",
+        "--subject", str(ROOT / "examples" / "dog.jpg"), "a corgi",
+        "--subject", str(ROOT / "examples" / "backpack.jpg"), "a red backpack",
+        "--steps", "1", "--height", "64", "--width", "64", "--out", str(out),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    assert out.is_file()
+    pieces = re.split(r"[\r\n]+", ANSI.sub("", done.stderr))
+    return [p.strip() for p in pieces if p.strip() and "%|" not in p]
+
+
+@pytest.mark.parametrize(("preset", "expected"), [("tiny", [TINY_NOTICE]), ("toy", [])])
+def test_generate_prints_no_warning(preset: str, expected: list[str], tmp_path: Path) -> None:
+    # toy is trained: no RANDOM-weights notice, and its codec loads without a type warning.
+    assert _stderr_lines(preset, tmp_path / "out.png") == expected
+
+
+def test_filters_drop_only_the_known_messages() -> None:
+    import logging
+
+    import musar  # installs the filters
+
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    cases = {
+        "transformers.utils.import_utils": [
+            ("`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil` ...", False),
+            ("`VideoMAEImageProcessor` requires torchvision (not installed); falling back to `X` ...", True),
+            ("something else entirely", True),
+        ],
+        "diffusers.pipelines.pipeline_utils": [
+            ("Expected types for vae: (<class 'AutoencoderKL'>,), got <class 'musar.toy.codec.ToyCodec'>.", False),
+            ("Expected types for vae: (<class 'AutoencoderKL'>,), got <class 'elsewhere.codec.Codec'>.", True),
+        ],
+    }
+    assert musar.__version__
+    for name, messages in cases.items():
+        logger = logging.getLogger(name)
+        handler = Keep()
+        logger.addHandler(handler)
+        try:
+            for message, kept in messages:
+                seen.clear()
+                logger.warning(message)
+                assert (seen == [message]) == kept, message
+        finally:
+            logger.removeHandler(handler)
