@@ -53,6 +53,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="conditions never see the noisy image (needs a LoRA trained so); caches their K/V across steps",
     )
     p.add_argument("--offload", choices=["none", "model", "sequential"], default="none", help="CPU offload for low VRAM")
+    p.add_argument(
+        "--compile", action="store_true",
+        help="torch.compile the transformer blocks (regional, no graph break in routed attention); the first "
+        "step pays the compilation; on CPU it needs a C++ compiler",
+    )
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.set_defaults(func=run)
 
@@ -103,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
     if args.preset:
         print(f"musar: preset {args.preset!r} has RANDOM weights: the image is noise, for smoke tests only.", file=sys.stderr)
     pipe = load_pipeline(model=args.model, preset=args.preset, lora=args.lora, dtype=args.dtype, offload=args.offload)
+    if args.compile:
+        pipe.transformer.compile_repeated_blocks(fullgraph=True)
     load_s = time.perf_counter() - t0
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     result = pipe(
@@ -161,6 +168,7 @@ def _sidecar(
         "attention": args.attention,
         "independent_conditions": args.independent_conditions,
         "offload": args.offload,
+        "compile": args.compile,
         "dtype": args.dtype,
         "device": str(pipe._execution_device),
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
