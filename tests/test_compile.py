@@ -120,6 +120,7 @@ def test_compile_repeated_blocks_is_fullgraph_and_matches_eager(model: MusarTran
         recorder = RoutingRecorder()
         with torch.no_grad():
             outs = [model(**inputs, routing=opts, step_index=s, capture=recorder).sample for s in range(3)]
+            outs.append(model(**inputs, routing=RoutingOptions(backend="flex")).sample)  # auto's choice on CUDA
             cond = inputs["conditions"]
             indep = RoutingOptions(independent_conditions=True)
             cache = model.build_condition_cache(cond, inputs["pooled_projections"], inputs["guidance"], indep)
@@ -135,12 +136,12 @@ def test_compile_repeated_blocks_is_fullgraph_and_matches_eager(model: MusarTran
     for got, want in zip(compiled, eager):
         assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
     assert torch.allclose(compiled_cached, eager_cached, atol=1e-5, rtol=0)
-    assert compiled_rec.steps == eager_rec.steps == [1, 2]
+    assert compiled_rec.steps == eager_rec.steps == [1, 2]  # step 0 unrouted
     for step in compiled_rec.steps:
         assert torch.equal(compiled_rec.routes(step), eager_rec.routes(step))
         assert torch.allclose(compiled_rec.affinity(step), eager_rec.affinity(step), atol=1e-6)
-    # Per (double|single) x (routed|unrouted|cached): 6 graphs. One per layer would be 12+.
-    assert counters["stats"]["unique_graphs"] <= 6, dict(counters["stats"])
+    # Per (double|single) x (unrouted|routed|flex|cached): 8 graphs. One per layer would be 16+.
+    assert counters["stats"]["unique_graphs"] <= 8, dict(counters["stats"])
 
 
 @pytest.mark.slow
@@ -154,6 +155,25 @@ def test_inductor_compiles_the_sync_free_fast_attention() -> None:
     got = compiled(q, k, v, lay, routes)  # sync_free by default inside the compiled graph
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=routed_mask(lay, routes))
     assert torch.allclose(got, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.gpu
+def test_gpu_compile_repeated_blocks_with_auto_routing_matches_reference(tiny_flux_config: dict) -> None:
+    """On CUDA ``auto`` is flex: regional inductor compile, fullgraph, against the dense reference."""
+    torch.manual_seed(0)
+    model = MusarTransformer(**tiny_flux_config).cuda().eval()
+    inputs = make_inputs(model, batch=2, num_conditions=3, spans=SPANS)
+    inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    cond = inputs["conditions"]
+    for name in ("image_latents", "text_embeds", "image_ids"):
+        setattr(cond, name, [t.cuda() for t in getattr(cond, name)])
+    cond.spans = cond.spans.cuda()
+    with torch.no_grad():
+        expected = model(**inputs, routing=RoutingOptions(backend="reference")).sample
+        model.compile_repeated_blocks(fullgraph=True)
+        got = [model(**inputs, step_index=s).sample for s in range(2)]
+    for out in got:  # float32 on CUDA; 1e-3 leaves room for TF32, a routing error is O(0.1)
+        assert torch.allclose(out, expected, atol=1e-3, rtol=1e-3)
 
 
 # ---- musar generate --compile ---------------------------------------------------------------
