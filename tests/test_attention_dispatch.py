@@ -21,6 +21,7 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
 from musar.errors import MusarError
 from musar.models.attention import MusarAttnProcessor
+from musar.models.boxes import box_candidates
 from musar.models.routing import RoutingOptions
 from musar.models.transformer import MusarTransformer
 
@@ -233,3 +234,34 @@ def test_a_usable_backend_in_bf16_runs_the_fast_path(model: MusarTransformer) ->
     _set_backend(model, "_native_flash")
     got = _forward(model, inputs, "fast").float()
     assert torch.allclose(got, expected, atol=0.05, rtol=0.05)
+
+
+# ---- GPU: the kernels a CPU cannot run --------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("kernel", "routing"),
+    [("_native_cudnn", "fast"), ("_native_flash", "fast"), ("_native_efficient", "fast"),
+     ("_native_efficient", "reference"), ("native", "flex")],
+)
+def test_gpu_attention_backends_serve_routing_in_bf16(tiny_flux_config: dict, kernel: str, routing: str) -> None:
+    torch.manual_seed(0)
+    model = MusarTransformer(**tiny_flux_config).cuda().eval()
+    inputs = _inputs(model)
+    inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    cond = inputs["conditions"]
+    for name in ("image_latents", "text_embeds", "image_ids"):
+        setattr(cond, name, [t.cuda() for t in getattr(cond, name)])
+    cond.spans = cond.spans.cuda()
+    # Disjoint boxes fix every token's route, so bf16 cannot flip a near-tie of S*.
+    quadrants = [(0.0, 0.0, 0.5, 0.5), (0.5, 0.0, 1.0, 0.5), (0.0, 0.5, 0.5, 1.0)]
+    cond.candidates = box_candidates(quadrants, (4, 4), "none")[None].expand(2, -1, -1).cuda()
+    expected = _forward(model, inputs, "reference")  # float32, native
+    model = model.to(torch.bfloat16)
+    bf16 = {k: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in inputs.items()}
+    cond.image_latents = [x.to(torch.bfloat16) for x in cond.image_latents]
+    cond.text_embeds = [x.to(torch.bfloat16) for x in cond.text_embeds]
+    model.set_attention_backend(kernel)
+    got = _forward(model, bf16, routing).float()
+    assert torch.allclose(got, expected, atol=5e-2, rtol=5e-2), (got - expected).abs().max()
