@@ -181,12 +181,12 @@ def test_the_attention_backend_context_manager_is_honoured_by_every_call(model: 
             assert torch.allclose(got, expected, atol=1e-5, rtol=0)
     finally:
         _AttentionBackendRegistry._backends[AttentionBackendName._NATIVE_MATH] = math
-    layers = 4
+    layers, probe = 4, 1  # a routed forward first probes its backend with one token
     assert counts[0, "fast"] == layers  # FLUX's own call
-    assert counts[3, "reference"] == 2 * layers  # S* + the masked call
-    assert counts[3, "flex"] == layers  # S* (the routed call is FlexAttention itself)
+    assert counts[3, "reference"] == probe + 2 * layers  # S* + the masked call
+    assert counts[3, "flex"] == probe + layers  # S* (the routed call is FlexAttention itself)
     # S*, PROMPT, 3 conditions, and at least one NOISE call per sample
-    assert counts[3, "fast"] >= (1 + 1 + 3 + 2) * layers
+    assert counts[3, "fast"] >= probe + (1 + 1 + 3 + 2) * layers
 
 
 # ---- errors: one line, naming the backend ---------------------------------------------------
@@ -202,11 +202,12 @@ def _set_backend(model: MusarTransformer, name: str) -> None:
     ("backend", "dtype", "routing", "message"),
     [
         ("nope", torch.float32, "fast", r"^unknown attention backend 'nope'; expected one of .*native"),
-        ("flash", torch.float32, "fast", r"^attention backend 'flash' cannot run MUSAR's 'fast' routing here: .*flash-attn"),
+        ("flash", torch.float32, "fast", r"^attention backend 'flash' cannot run MUSAR's 'fast' routing on cpu in float32: .*flash-attn"),
         ("_native_cudnn", torch.float32, "flex", r"^attention backend '_native_cudnn' cannot run .*bfloat16 or float16"),
+        ("_native_efficient", torch.float32, "reference", r"^attention backend '_native_efficient' cannot run .* on cpu .*No viable backend"),
         ("_native_flash", torch.bfloat16, "reference", r"^attention backend '_native_flash' cannot take the mask of MUSAR's 'reference' routing"),
     ],
-    ids=["unknown", "not-installed", "wrong-dtype", "no-mask"],
+    ids=["unknown", "not-installed", "wrong-dtype", "no-kernel-here", "no-mask"],
 )
 def test_an_unusable_backend_is_refused_in_one_line(
     model: MusarTransformer, backend: str, dtype: torch.dtype, routing: str, message: str

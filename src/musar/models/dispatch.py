@@ -56,18 +56,26 @@ def check_backend(backend: KernelBackend, q: torch.Tensor, routing: str) -> None
     diffusers checks a backend's requirements (its package) when it is set, and the
     constraints it declares (device, dtype, shapes) only with ``DIFFUSERS_ATTN_CHECKS=1``. A
     routed layer makes several kernel calls, and a failure deep inside one of them reads badly,
-    so MUSAR runs both checks before the first call of a forward (not inside a compiled graph).
+    so before the first call of a forward (not inside a compiled graph) MUSAR runs both checks
+    and one call on a single token, which finds kernels this device lacks (e.g. cuDNN on CPU).
     """
     name = backend_name(backend)
     if name not in _AttentionBackendRegistry._backends:
         raise MusarError(f"attention backend {name.value!r} is not registered in this diffusers installation")
+    x = q.transpose(1, 2)  # the dispatcher's (B, L, H, d)
     try:
         _check_attention_backend_requirements(name)
-        x = q.transpose(1, 2)  # the dispatcher's (B, L, H, d)
         for constraint in _AttentionBackendRegistry._constraints.get(name, []):
             constraint(query=x, key=x, value=x, attn_mask=None, is_causal=False)
+        probe = x[:1, :1].detach()
+        with torch.no_grad():  # nothing for autograd (or a checkpoint's recomputation) to see
+            dispatch_attention_fn(probe, probe, probe, backend=name)
     except (RuntimeError, ValueError) as err:
-        raise MusarError(f"attention backend {name.value!r} cannot run MUSAR's {routing!r} routing here: {err}") from None
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise MusarError(
+            f"attention backend {name.value!r} cannot run MUSAR's {routing!r} routing on {q.device.type} "
+            f"in {str(q.dtype).removeprefix('torch.')}: {reason}"
+        ) from None
 
 
 def masked_attention(
