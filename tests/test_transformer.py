@@ -23,7 +23,7 @@ from helpers import make_inputs
 def model(tiny_flux_config: dict) -> MusarTransformer:
     torch.manual_seed(0)
     model = MusarTransformer(**tiny_flux_config).eval()
-    model.use_musar_attention()  # forward() does this itself; these tests call attention layers directly
+    model.use_musar_attention()  # construction already did (idempotent); these tests call attention layers directly
     return model
 
 

@@ -90,7 +90,10 @@ def _diffusers_forward(model: MusarTransformer, base: dict[str, Any], cond: Cond
         kw["encoder_hidden_states"] = torch.cat([kw["encoder_hidden_states"], *cond.text_embeds], dim=1)
         kw["img_ids"] = torch.cat([kw["img_ids"], *cond.image_ids], dim=0)
         kw["txt_ids"] = torch.cat([kw["txt_ids"], kw["txt_ids"].new_zeros(sum(t.shape[1] for t in cond.text_embeds), 3)])
-    return FluxTransformer2DModel.forward(model, **kw, return_dict=False)[0]
+    try:
+        return FluxTransformer2DModel.forward(model, **kw, return_dict=False)[0]
+    finally:
+        model.use_musar_attention()  # MUSAR's forwards refuse processors that cannot route
 
 
 def _mode_calls(

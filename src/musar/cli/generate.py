@@ -80,6 +80,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="conditions never see the noisy image (needs a LoRA trained so); caches their K/V across steps",
     )
     add(p, "--offload", choices=["none", "model", "sequential"], default="none", help="CPU offload for low VRAM")
+    add(
+        p, "--compile", action="store_true",
+        help="torch.compile the transformer blocks (regional, no graph break in routed attention); the first "
+        "step pays the compilation; on CPU it needs a C++ compiler",
+    )
     add(p, "--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     add(p, "--quantize", choices=quant.QUANTIZE_CHOICES, default="none", metavar=quant.METAVAR, help=quant.HELP,
         check=value(quant.check_quantize_arg))
@@ -142,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
     pipe = load_pipeline(
         model=args.model, preset=args.preset, lora=args.lora, dtype=args.dtype, offload=args.offload, quantize=args.quantize
     )
+    if args.compile:
+        pipe.transformer.compile_repeated_blocks(fullgraph=True)
     load_s = time.perf_counter() - t0
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     result = pipe(
@@ -199,6 +206,7 @@ def _sidecar(
         "attention": args.attention,
         "independent_conditions": args.independent_conditions,
         "offload": args.offload,
+        "compile": args.compile,
         "dtype": args.dtype,
         "quantize": args.quantize,
         "device": str(pipe._execution_device),

@@ -3,7 +3,9 @@
 * :mod:`~musar.models.layout` — which token sits where (pure data);
 * :mod:`~musar.models.routing` — static and dynamic routing as pure functions;
 * :mod:`~musar.models.boxes` — layout boxes -> per-token route candidates (pure);
-* :mod:`~musar.models.attention` — the attention processor and the ``fast`` / ``reference`` backends;
+* :mod:`~musar.models.dispatch` — every attention kernel call through diffusers' attention dispatch;
+* :mod:`~musar.models.attention` — the attention processor, the routing context and the ``reference`` backend;
+* :mod:`~musar.models.fast` — the ``fast`` backend (grouped unmasked calls);
 * :mod:`~musar.models.flex` — the FlexAttention backend;
 * :mod:`~musar.models.blocks` — FLUX block forwards with per-token-kind modulation;
 * :mod:`~musar.models.transformer` — :class:`MusarTransformer` (a ``FluxTransformer2DModel``);

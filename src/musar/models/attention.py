@@ -10,13 +10,18 @@ them to :class:`LayerRouting`, which
    candidates gets the "no condition" route, which every backend below honours), and
 2. runs the attention under the routing rules with one of the backends:
 
-* ``reference`` — a dense boolean (B, H|1, L, L) mask into SDPA. Obviously correct, slow.
-* ``fast`` — no L x L tensor at all: queries are grouped by what they may see (PROMPT, each
-  condition, and NOISE queries bucketed by route), and each group runs one *unmasked* SDPA over
-  exactly the keys it may see. Work is proportional to the unmasked blocks.
+* ``reference`` — a dense boolean (B, H|1, L, L) mask into one attention call. Obviously
+  correct, slow.
+* ``fast`` — no L x L tensor at all: one *unmasked* attention per group of queries that see
+  the same keys (:mod:`musar.models.fast`); under ``torch.compile`` its NOISE rows take one
+  key-masked call instead, so no host read breaks the graph.
 * ``flex`` — one FlexAttention call with a block mask built from the layout and routes
   (:mod:`musar.models.flex`).
 * ``auto`` — flex on CUDA, fast elsewhere (:func:`~musar.models.routing.resolve_backend`).
+
+Every attention call except flex's goes through diffusers' attention dispatch
+(:mod:`musar.models.dispatch`), so ``set_attention_backend(...)`` and the ``attention_backend``
+context manager choose its kernel, exactly as for FLUX's own processor.
 
 With a condition cache (:mod:`musar.models.cache`) the same code serves the cached forward: its q
 holds only [PROMPT, NOISE] rows and its k/v get the cached condition keys appended; a
@@ -25,14 +30,17 @@ holds only [PROMPT, NOISE] rows and its k/v get the cached condition keys append
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 
+from musar.errors import MusarError
+from musar.models.dispatch import KernelBackend, attention, check_backend, masked_attention
+from musar.models.fast import fast_routed_attention
 from musar.models.layout import TokenLayout
 from musar.models.routing import (
     RoutingOptions,
@@ -45,6 +53,7 @@ from musar.models.routing import (
 
 if TYPE_CHECKING:
     from musar.models.cache import ConditionCache
+    from musar.models.flex import FlexStatics
 
 
 @dataclass
@@ -99,186 +108,173 @@ class RoutingContext:
             )
         return self.memo["maps"]
 
+    def candidates_on(self, device: torch.device) -> torch.Tensor | None:
+        if self.candidates is None:
+            return None
+        key = ("candidates", device)
+        if key not in self.memo:
+            self.memo[key] = self.candidates.to(device)
+        return self.memo[key]
+
+    def span_values(self, device: torch.device, dtype: torch.dtype, heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.spans is not None
+        key = ("span_values", device, dtype, heads, head_dim)
+        if key not in self.memo:
+            self.memo[key] = span_values(self.spans.to(device), self.layout.prompt, heads, head_dim, dtype)
+        return self.memo[key]
+
+    def flex_statics(self, device: torch.device) -> FlexStatics:
+        from musar.models.flex import flex_statics
+
+        key = ("flex", device)
+        if key not in self.memo:
+            q_map, k_map = self.maps()
+            rules = {"independent_conditions": self.options.independent_conditions, "static": self.options.static}
+            self.memo[key] = flex_statics(q_map, k_map, **rules, device=device)
+        return self.memo[key]
+
+    def check_kernel(self, backend: KernelBackend, q: torch.Tensor, routing: str) -> None:
+        """:func:`~musar.models.dispatch.check_backend`, once per forward and backend."""
+        key = ("kernel", backend, q.device, q.dtype)
+        if key not in self.memo:
+            check_backend(backend, q, routing)
+            self.memo[key] = True
+
+    def prepare(self, device: torch.device, dtype: torch.dtype, heads: int, head_dim: int) -> None:
+        """Compute this forward's constants now, outside the blocks.
+
+        Every layer then finds them, so under ``torch.compile`` all layers of a kind trace the
+        same code (one graph) instead of the first one tracing their construction.
+        """
+        c, given = self.layout.num_conditions, self.candidates is not None
+        if c == 0:
+            return
+        self.maps()
+        self.candidates_on(device)
+        # What compute_routes reads, where some layer routes (start_layer itself is the first).
+        routes = self.options.dynamic_active(self.options.start_layer, self.step, c, given)
+        if routes and self.spans is not None and (c >= 2 or self.capture is not None):
+            self.span_values(device, dtype, heads, head_dim)
+        if self.options.resolved_backend(device) == "flex":
+            self.flex_statics(device)
+
 
 @dataclass
 class LayerRouting:
+    """One attention layer's view of the :class:`RoutingContext`.
+
+    ``dynamic`` (whether routes restrict NOISE rows here), ``capturing`` and ``cached`` (this
+    layer's cached condition keys/values) are resolved when the layer is created, outside the
+    attention, so the attention code reads no layer index or step and one compiled graph serves
+    every layer and step. Inside a compiled graph the routes are kept in ``found`` and handed to
+    the capture callback by :meth:`flush`, after the graph.
+    """
+
     ctx: RoutingContext
     index: int
+    dynamic: bool = field(init=False)
+    capturing: bool = field(init=False)
+    cached: tuple[torch.Tensor, torch.Tensor] | None = field(init=False, repr=False)
+    found: list[tuple[torch.Tensor, torch.Tensor]] = field(init=False, default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        ctx = self.ctx
+        c, given = ctx.layout.num_conditions, ctx.candidates is not None
+        self.dynamic = ctx.options.dynamic_active(self.index, ctx.step, c, given)
+        self.capturing = ctx.capture is not None
+        self.cached = ctx.cache.kv(self.index) if ctx.cache is not None and not ctx.cache_write else None
+
+    def _report(self, affinity: torch.Tensor, routes: torch.Tensor) -> None:
+        if torch.compiler.is_compiling():
+            self.found.append((affinity.detach(), routes.detach()))
+        else:
+            self.ctx.capture(RouteRecord(self.index, self.ctx.step, affinity.detach(), routes.detach()))
+
+    def flush(self) -> None:
+        """Hand the routes decided inside a compiled graph to the capture callback."""
+        for affinity, routes in self.found:
+            self.ctx.capture(RouteRecord(self.index, self.ctx.step, affinity, routes))
+        self.found.clear()
 
     def compute_routes(
-        self, q: torch.Tensor, k: torch.Tensor, q_map: SegmentMap | None = None, k_map: SegmentMap | None = None
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        q_map: SegmentMap | None = None,
+        k_map: SegmentMap | None = None,
+        backend: KernelBackend = None,
     ) -> torch.Tensor | None:
         ctx, layout = self.ctx, self.ctx.layout
         q_map = q_map or SegmentMap.of(layout)
         k_map = k_map or q_map
-        if q_map.noise.stop == q_map.noise.start:
+        if q_map.noise.stop == q_map.noise.start or not self.dynamic:
             return None
-        c, given = layout.num_conditions, ctx.candidates is not None
-        if not ctx.options.dynamic_active(self.index, ctx.step, c, given):
-            return None
+        c = layout.num_conditions
         if ctx.spans is None and c >= 2:
             raise ValueError("dynamic routing with 2+ conditions needs the subject spans of the prompt")
-        candidates = None
-        if given:
-            key = ("candidates", q.device)
-            if key not in ctx.memo:
-                ctx.memo[key] = ctx.candidates.to(q.device)
-            candidates = ctx.memo[key]
+        candidates = ctx.candidates_on(q.device)
         with torch.no_grad():  # routes are an argmax: no gradient flows through them
-            if ctx.spans is not None and (c >= 2 or ctx.capture is not None):
-                affinity = self._affinity(q[:, :, q_map.noise], k[:, :, k_map.prompt])
+            if ctx.spans is not None and (c >= 2 or self.capturing):
+                q_noise, k_prompt = q[:, :, q_map.noise], k[:, :, k_map.prompt]
+                h, d = q_noise.shape[1], q_noise.shape[3]
+                affinity = subject_affinity_fused(
+                    q_noise, k_prompt, ctx.spans, per_head=ctx.options.per_head,
+                    values=ctx.span_values(q.device, q.dtype, h, d), backend=backend,
+                )
             else:  # one subject: S* has nothing to choose, only the candidates decide
                 b, h, n = q.shape[0], q.shape[1], q_map.noise.stop - q_map.noise.start
                 shape = (b, h, n, 1) if ctx.options.per_head else (b, n, 1)
                 affinity = torch.ones(shape, device=q.device)
             routes = routes_from_affinity(affinity, candidates)
-        if ctx.capture is not None:
-            ctx.capture(RouteRecord(self.index, ctx.step, affinity.detach(), routes.detach()))
+        if self.capturing:
+            self._report(affinity, routes)
         return routes
 
-    def _affinity(self, q_noise: torch.Tensor, k_prompt: torch.Tensor) -> torch.Tensor:
-        ctx = self.ctx
-        assert ctx.spans is not None
-        h, d = q_noise.shape[1], q_noise.shape[3]
-        key = ("span_values", q_noise.device, q_noise.dtype, h, d)
-        if key not in ctx.memo:  # once per forward: it reads the spans on the host
-            ctx.memo[key] = span_values(ctx.spans.to(q_noise.device), ctx.layout.prompt, h, d, q_noise.dtype)
-        return subject_affinity_fused(
-            q_noise, k_prompt, ctx.spans, per_head=ctx.options.per_head, values=ctx.memo[key]
-        )
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: KernelBackend = None) -> torch.Tensor:
+        """Routed attention over (B, H, L, d) tensors (layout order unless a cache is read).
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Routed attention over (B, H, L, d) tensors (layout order unless a cache is read)."""
+        ``backend``: the diffusers attention backend of its kernel calls (None: the active one).
+        """
         ctx = self.ctx
         layout, opts = ctx.layout, ctx.options
         if ctx.cache is not None:
             if ctx.cache_write:
                 ctx.cache.store(self.index, k, v)
-            else:
-                k, v = ctx.cache.extend(self.index, k, v)
+            elif self.cached is not None:
+                ck, cv = self.cached
+                k, v = torch.cat([k, ck.to(k.dtype)], dim=2), torch.cat([v, cv.to(v.dtype)], dim=2)
         if layout.num_conditions == 0:
-            return F.scaled_dot_product_attention(q, k, v)
+            return attention(q, k, v, backend=backend)
         q_map, k_map = ctx.maps()
-        routes = self.compute_routes(q, k, q_map, k_map)
-        backend = opts.resolved_backend(q.device)
+        routing = opts.resolved_backend(q.device)
+        if not torch.compiler.is_compiling():  # checks read nothing a graph needs; once per forward
+            ctx.check_kernel(backend, q, routing)
+        routes = self.compute_routes(q, k, q_map, k_map, backend)
         rules = {"independent_conditions": opts.independent_conditions, "static": opts.static}
-        if backend == "reference":
+        if routing == "reference":
             mask = routed_mask(layout, routes, **rules).to(q.device)
             if q_map != SegmentMap.of(layout) or k_map != q_map:
                 mask = mask[:, :, q_map.layout_positions(layout).to(q.device)]
                 mask = mask[..., k_map.layout_positions(layout).to(q.device)]
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        if backend == "flex":
-            from musar.models.flex import flex_routed_attention, flex_statics
+            return masked_attention(q, k, v, mask, backend=backend, routing=routing)
+        if routing == "flex":
+            from musar.models.flex import flex_routed_attention
 
-            key = ("flex", q.device)
-            if key not in ctx.memo:
-                ctx.memo[key] = flex_statics(q_map, k_map, **rules, device=q.device)
-            return flex_routed_attention(q, k, v, layout, routes, **rules, statics=ctx.memo[key])
-        return fast_routed_attention(q, k, v, layout, routes, **rules, q_map=q_map, k_map=k_map)
-
-
-def _take(x: torch.Tensor, slices: Sequence[slice]) -> torch.Tensor:
-    parts = [x[:, :, s] for s in slices if s.stop > s.start]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
-
-
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: Sequence[slice]) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, _take(k, kv), _take(v, kv))
-
-
-def fast_routed_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    layout: TokenLayout,
-    routes: torch.Tensor | None,
-    *,
-    independent_conditions: bool = False,
-    static: bool = True,
-    q_map: SegmentMap | None = None,
-    k_map: SegmentMap | None = None,
-) -> torch.Tensor:
-    """Exact routed attention without any L x L tensor (see module docstring).
-
-    ``q_map`` / ``k_map`` say where each token group sits in q and in k/v (default: layout
-    order); query groups with no rows are skipped.
-    """
-    qm = q_map or SegmentMap.of(layout)
-    km = k_map or qm
-    c = layout.num_conditions
-    everything = [slice(0, km.length)]
-    pieces: dict[int, torch.Tensor] = {}  # query segment start -> output rows
-
-    def rows(s: slice) -> int:
-        return s.stop - s.start
-
-    # PROMPT queries see PROMPT + NOISE (everything without static routing).
-    if rows(qm.prompt):
-        pieces[qm.prompt.start] = _sdpa(q[:, :, qm.prompt], k, v, [km.prompt, km.noise] if static else everything)
-
-    # Condition k's queries (CT^k and CI^k) see their own condition, plus NOISE unless independent.
-    for i in range(c):
-        ct, ci = qm.cond(i)
-        if rows(ct) + rows(ci) == 0:
-            continue
-        kct, kci = km.cond(i)
-        kv = ([kct, kci] if independent_conditions else [kct, km.noise, kci]) if static else everything
-        out = _sdpa(_take(q, [ct, ci]), k, v, kv)
-        for s, part in zip((ct, ci), out.split([rows(ct), rows(ci)], dim=2)):
-            if rows(s):  # an empty segment may share its start with the next one
-                pieces[s.start] = part
-
-    # NOISE queries: everything, or (routed) PROMPT + NOISE + their one condition.
-    if rows(qm.noise):
-        qn = q[:, :, qm.noise]
-        if routes is None:
-            pieces[qm.noise.start] = _sdpa(qn, k, v, everything)
-        else:
-            # Dynamic routing restricts NOISE rows with or without static routing; route c
-            # (no condition) sees PROMPT and NOISE only.
-            kv_for = [[km.prompt, km.noise, *km.cond(i)] for i in range(c)] + [[km.prompt, km.noise]]
-            pieces[qm.noise.start] = _routed_noise(qn, k, v, routes, kv_for)
-
-    return torch.cat([pieces[s] for s in sorted(pieces)], dim=2)
-
-
-def _routed_noise(
-    qn: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routes: torch.Tensor, kv_for: list[list[slice]]
-) -> torch.Tensor:
-    """Bucket NOISE queries by route and run one unmasked attention per (sample[, head], route).
-
-    ``kv_for[r]``: the key groups route value ``r`` may see (one entry per route value).
-    """
-    per_head = routes.dim() == 3
-    c = len(kv_for)
-    rows = []
-    for b in range(qn.shape[0]):
-        heads = range(qn.shape[1]) if per_head else [None]
-        head_outs = []
-        for h in heads:
-            hs = slice(None) if h is None else slice(h, h + 1)
-            r = routes[b, h] if per_head else routes[b]
-            order = torch.argsort(r, stable=True)
-            counts = torch.bincount(r, minlength=c).tolist()
-            q_sorted = qn[b : b + 1, hs][:, :, order]
-            kb, vb = k[b : b + 1, hs], v[b : b + 1, hs]
-            outs = [
-                _sdpa(part, kb, vb, kv_for[i])
-                for i, part in enumerate(q_sorted.split(counts, dim=2))
-                if part.shape[2] > 0
-            ]
-            head_outs.append(torch.cat(outs, dim=2)[:, :, torch.argsort(order)])
-        rows.append(head_outs[0] if len(head_outs) == 1 else torch.cat(head_outs, dim=1))
-    return torch.cat(rows, dim=0)
+            return flex_routed_attention(q, k, v, layout, routes, **rules, statics=ctx.flex_statics(q.device))
+        return fast_routed_attention(q, k, v, layout, routes, **rules, q_map=q_map, k_map=k_map, backend=backend)
 
 
 class MusarAttnProcessor:
     """Drop-in replacement for diffusers' ``FluxAttnProcessor`` that routes attention.
 
-    Without a ``routing`` argument it behaves like plain FLUX attention, so a model whose
-    processors were swapped still runs diffusers' own forward unchanged.
+    Without a ``routing`` argument it computes what ``FluxAttnProcessor`` computes, through the
+    same dispatch call, so a model whose processors were swapped still runs diffusers' own
+    forward unchanged. ``set_attention_backend`` sets ``_attention_backend`` on it as on
+    FLUX's processor; the routed calls use that backend too.
     """
+
+    _attention_backend: KernelBackend = None
+    _parallel_config: Any = None
 
     def __call__(
         self,
@@ -305,12 +301,17 @@ class MusarAttnProcessor:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
-        q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (B, H, L, d) for SDPA
-        if routing is None:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
+        if routing is None:  # FLUX's own call, (B, L, H, d)
+            out = dispatch_attention_fn(
+                query, key, value, attn_mask=attention_mask,
+                backend=self._attention_backend, parallel_config=self._parallel_config,
+            )
         else:
-            out = routing.attend(q, k, v)
-        out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+            if self._parallel_config is not None:
+                raise MusarError("context parallelism cannot split MUSAR's routed attention; run routed forwards unsharded")
+            q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (B, H, L, d)
+            out = routing.attend(q, k, v, backend=self._attention_backend).transpose(1, 2)
+        out = out.flatten(2, 3).to(query.dtype)
 
         if encoder_hidden_states is None:
             return out

@@ -40,6 +40,12 @@ def modulate(
     return normed, params
 
 
+def _routed(routing: LayerRouting | None) -> dict[str, LayerRouting]:
+    # Without routing, call the attention exactly as FLUX does: a processor the user installed
+    # (which takes no ``routing``) then runs without diffusers' "unexpected kwargs" warning.
+    return {} if routing is None else {"routing": routing}
+
+
 def _clip_fp16(x: torch.Tensor) -> torch.Tensor:
     return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
 
@@ -61,7 +67,7 @@ def double_block_forward(
         block.norm1_context, text, layout.text_split, embs
     )
     attn_image, attn_text = block.attn(
-        hidden_states=norm_image, encoder_hidden_states=norm_text, image_rotary_emb=rotary, routing=routing
+        hidden_states=norm_image, encoder_hidden_states=norm_text, image_rotary_emb=rotary, **_routed(routing)
     )
 
     image = image + gate_msa * attn_image
@@ -85,6 +91,6 @@ def single_block_forward(
     embs = (temb, temb_cond, temb, temb_cond)
     norm_joint, (gate,) = modulate(block.norm, joint, layout.joint_split, embs)
     mlp = block.act_mlp(block.proj_mlp(norm_joint))
-    attn = block.attn(hidden_states=norm_joint, image_rotary_emb=rotary, routing=routing)
+    attn = block.attn(hidden_states=norm_joint, image_rotary_emb=rotary, **_routed(routing))
     joint = joint + gate * block.proj_out(torch.cat([attn, mlp], dim=2))
     return _clip_fp16(joint)

@@ -67,12 +67,11 @@ class ConditionCache:
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         self.keys[layer], self.values[layer] = k.detach(), v.detach()
 
-    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append layer ``layer``'s cached condition keys/values to the main ones."""
+    def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``layer``'s cached condition keys and values (appended to its main keys/values)."""
         if layer not in self.keys:
             raise KeyError(f"the condition cache has no layer {layer}; was it built with this model?")
-        ck, cv = self.keys[layer], self.values[layer]
-        return torch.cat([k, ck.to(k.dtype)], dim=2), torch.cat([v, cv.to(v.dtype)], dim=2)
+        return self.keys[layer], self.values[layer]
 
     @property
     def nbytes(self) -> int:
@@ -81,14 +80,19 @@ class ConditionCache:
     def check_inputs(
         self, pooled_projections: torch.Tensor, guidance: torch.Tensor | None, options: RoutingOptions
     ) -> None:
-        """Refuse a forward whose condition rows would differ from the cached ones."""
+        """Refuse a forward whose condition rows would differ from the cached ones.
+
+        Comparing the values reads them on the host, which a compiled forward cannot trace:
+        inside ``torch.compile`` only the shapes are checked.
+        """
         check_cacheable(options)
-        if pooled_projections.shape != self.pooled_projections.shape or not torch.equal(
-            pooled_projections, self.pooled_projections.to(pooled_projections)
+        values = not torch.compiler.is_compiling()
+        if pooled_projections.shape != self.pooled_projections.shape or (
+            values and not torch.equal(pooled_projections, self.pooled_projections.to(pooled_projections))
         ):
             raise ValueError("the condition cache was built for other pooled_projections (temb(t_cond) depends on them)")
         if (guidance is None) != (self.guidance is None) or (
-            guidance is not None and not torch.equal(guidance, self.guidance.to(guidance))
+            values and guidance is not None and not torch.equal(guidance, self.guidance.to(guidance))
         ):
             raise ValueError("the condition cache was built for another guidance value (temb(t_cond) depends on it)")
 

@@ -25,6 +25,13 @@ works forward and backward. Inside a model that is itself under ``torch.compile`
 eager, unfused implementation: it applies the ``mask_mod`` to a materialised score matrix
 (block lists unused), has no backward, and exists here for tests — ``auto`` never picks flex
 off CUDA.
+
+Why not through diffusers' attention dispatch (:mod:`musar.models.dispatch`), like every other
+call: its ``flex`` backend calls the eager ``flex_attention``, which outside a compiled model is
+the unfused implementation above even on CUDA (the whole score matrix, far slower than any
+kernel), and it would also take over the choice of tile sizes. The routed block mask is this
+module's whole point, so it keeps its compiled kernel; the attention backend set on the model
+still serves the S* affinity call of every flex-routed layer.
 """
 
 from __future__ import annotations

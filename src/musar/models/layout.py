@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 
@@ -96,8 +95,11 @@ class TokenLayout:
         return self.text_len + self.image_len
 
     # ---- segments --------------------------------------------------------------------------
-    @cached_property
+    @property
     def segments(self) -> tuple[Segment, ...]:
+        # Rebuilt on each use (a few tiny objects), not cached on the instance: a cached_property
+        # takes a lock on Python 3.11, and state on the layout would have to be rebuilt by
+        # torch.compile after a graph; neither traces.
         out: list[Segment] = []
         pos = 0
 

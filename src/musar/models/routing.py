@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from musar.models.dispatch import KernelBackend, attention
 from musar.models.layout import Kind, TokenLayout
 
 Backend = Literal["auto", "fast", "flex", "reference"]
@@ -36,7 +37,7 @@ class RoutingOptions:
     start_layer: int = field(default=0, metadata={"help": "First layer (double blocks first, then single) where dynamic routing applies."})
     start_step: int = field(default=0, metadata={"help": "First denoising step where dynamic routing applies."})
     independent_conditions: bool = field(default=False, metadata={"help": "Also block COND -> NOISE so condition K/V can be cached (ours; needs weights trained this way)."})
-    backend: Backend = field(default="auto", metadata={"help": "'auto' (flex on CUDA, fast elsewhere), 'fast' (grouped SDPA, no L x L mask), 'flex' (FlexAttention block mask) or 'reference' (dense mask into SDPA)."})
+    backend: Backend = field(default="auto", metadata={"help": "How routing is computed: 'auto' (flex on CUDA, fast elsewhere), 'fast' (grouped unmasked attention, no L x L mask), 'flex' (FlexAttention block mask) or 'reference' (dense mask). Kernels come from diffusers' attention backend (set_attention_backend), except flex's."})
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -63,7 +64,8 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     ``auto`` picks FlexAttention on CUDA: it is one fused kernel per call with no host sync, so
     it also works inside ``torch.compile`` graphs and CUDA graphs, and its cost follows the kept
     blocks. Everywhere else flex only has an unfused, forward-only implementation, so ``auto``
-    falls back to ``fast``. ``musar bench`` measures both; see bench/README.md.
+    falls back to ``fast`` (which, under ``torch.compile``, routes without a host sync too).
+    ``musar bench`` measures both; see bench/README.md.
     """
     if backend != "auto":
         return backend
@@ -152,14 +154,16 @@ def static_mask(
     cond = layout.cond_ids(device)
     q_kind, k_kind = kind[:, None], kind[None, :]
     q_cond, k_cond = cond[:, None], cond[None, :]
-    main = (kind == Kind.PROMPT) | (kind == Kind.NOISE)
+    # Plain ints: torch.compile (2.13) mis-evaluates a tensor compared with an IntEnum member.
+    prompt, noise = int(Kind.PROMPT), int(Kind.NOISE)
+    main = (kind == prompt) | (kind == noise)
     is_cond = ~main
 
-    prompt_q = (q_kind == Kind.PROMPT) & main[None, :]
-    noise_q = (q_kind == Kind.NOISE).expand(-1, layout.total)
+    prompt_q = (q_kind == prompt) & main[None, :]
+    noise_q = (q_kind == noise).expand(-1, layout.total)
     cond_q = is_cond[:, None] & (k_cond == q_cond)  # same condition, CI and CT alike
     if not independent_conditions:
-        cond_q = cond_q | (is_cond[:, None] & (k_kind == Kind.NOISE))
+        cond_q = cond_q | (is_cond[:, None] & (k_kind == noise))
     return prompt_q | noise_q | cond_q
 
 
@@ -193,17 +197,27 @@ def routed_mask(
     return mask
 
 
+def check_spans(spans: torch.Tensor, prompt_len: int) -> None:
+    """Every subject span must be non-empty and lie inside the prompt (reads the spans on the host)."""
+    starts, lengths = spans[..., 0], spans[..., 1]
+    if (lengths <= 0).any() or (starts < 0).any() or ((starts + lengths) > prompt_len).any():
+        raise ValueError(f"subject spans {spans.tolist()} do not fit in a prompt of {prompt_len} tokens")
+
+
+def _span_indicators(spans: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """(B, m, c) bool: token j of the prompt lies in subject span k (no host read)."""
+    starts, lengths = spans[..., 0], spans[..., 1]
+    pos = torch.arange(prompt_len, device=spans.device)[None, :, None]
+    return (pos >= starts[:, None, :]) & (pos < (starts + lengths)[:, None, :])
+
+
 def span_weights(spans: torch.Tensor, prompt_len: int) -> torch.Tensor:
     """(B, m, c) averaging matrix: column k holds 1/l_k on the tokens of subject span k.
 
     ``spans``: (B, c, 2) int tensor of (start p_k, length l_k) in main-prompt token positions.
     """
-    starts, lengths = spans[..., 0], spans[..., 1]
-    if (lengths <= 0).any() or (starts < 0).any() or ((starts + lengths) > prompt_len).any():
-        raise ValueError(f"subject spans {spans.tolist()} do not fit in a prompt of {prompt_len} tokens")
-    pos = torch.arange(prompt_len, device=spans.device)[None, :, None]
-    inside = (pos >= starts[:, None, :]) & (pos < (starts + lengths)[:, None, :])
-    return inside.float() / lengths[:, None, :].float()
+    check_spans(spans, prompt_len)
+    return _span_indicators(spans, prompt_len).float() / spans[..., 1][:, None, :].float()
 
 
 def subject_affinity(
@@ -244,10 +258,11 @@ def span_values(
 
     Returns (B, heads, m, head_dim) 0/1 span indicators (column k = span k, zero-padded so
     flash/cuDNN kernels, which want v as wide as q, apply) and (B, 1, 1, c) float32 lengths.
-    Validating the spans reads them on the host, so this belongs outside the per-layer path.
+    It does not validate the spans (that reads them on the host, :func:`check_spans`), so it
+    also runs inside a ``torch.compile`` graph.
     """
     c = spans.shape[1]
-    inside = span_weights(spans, prompt_len) > 0  # (B, m, c); validates the spans
+    inside = _span_indicators(spans, prompt_len)  # (B, m, c)
     values = F.pad(inside.to(dtype), (0, max(0, head_dim - c)))[:, None].expand(-1, heads, -1, -1)
     return values.contiguous(), spans[..., 1].to(torch.float32)[:, None, None, :]
 
@@ -259,6 +274,7 @@ def subject_affinity_fused(
     *,
     per_head: bool = False,
     values: tuple[torch.Tensor, torch.Tensor] | None = None,
+    backend: KernelBackend = None,
 ) -> torch.Tensor:
     """:func:`subject_affinity` as one fused attention call; what the routed attention uses.
 
@@ -268,14 +284,15 @@ def subject_affinity_fused(
     would cost a large part of the attention call itself), in the q/k dtype: bf16 on GPU, so
     S* carries ~3 significant digits, enough to pick a subject. Dividing by l_k in float32 after
     the call scales subjects with different span lengths exactly alike. ``values``: a cached
-    :func:`span_values` for these shapes.
+    :func:`span_values` for these shapes. ``backend``: the diffusers attention backend of the
+    call (:mod:`musar.models.dispatch`).
     """
     h, d = q_noise.shape[1], q_noise.shape[3]
     m, c = k_prompt.shape[2], spans.shape[1]
     if c > d:  # more subjects than value columns: not worth a special kernel path
         return subject_affinity(q_noise, k_prompt, spans, per_head=per_head)
     indicators, lengths = values if values is not None else span_values(spans, m, h, d, q_noise.dtype)
-    sums = F.scaled_dot_product_attention(q_noise, k_prompt, indicators)[..., :c].float()
+    sums = attention(q_noise, k_prompt, indicators, backend=backend)[..., :c].float()
     affinity = sums / lengths.to(sums.device)
     return affinity if per_head else affinity.mean(dim=1)
 

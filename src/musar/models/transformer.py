@@ -17,6 +17,7 @@ NOISE rows (``forward(..., condition_cache=cache)``), see :mod:`musar.models.cac
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,11 +28,12 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
 from torch.utils.checkpoint import checkpoint
 
+from musar.errors import MusarError
 from musar.models.attention import MusarAttnProcessor, RouteRecord, RoutingContext
 from musar.models.blocks import double_block_forward, single_block_forward
 from musar.models.cache import ConditionCache
 from musar.models.layout import TokenLayout
-from musar.models.routing import RoutingOptions
+from musar.models.routing import RoutingOptions, check_spans
 
 
 @dataclass
@@ -89,17 +91,65 @@ def condition_image_ids(
 
 
 class MusarTransformer(FluxTransformer2DModel):
-    """FLUX.1 transformer with MUSAR's routed multi-subject conditioning."""
+    """FLUX.1 transformer with MUSAR's routed multi-subject conditioning.
 
-    # No __init__ override: diffusers reads the config keys from FluxTransformer2DModel's signature.
+    Its attention layers get :class:`MusarAttnProcessor` once, when the model is built (also
+    by ``from_pretrained``); a processor set afterwards (``set_attn_processor``) is kept, and
+    a forward with conditions then refuses to run unless every layer can route.
+    """
+
     lora_config = None  # set by musar.lora.layer.inject_branch_lora
     lora_plan = None
+    _compiled_blocks: tuple[Callable[..., Any], Callable[..., Any]] | None = None  # compile_repeated_blocks
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.use_musar_attention()
+
+    # diffusers reads the config keys from the __init__ signature: keep FLUX's.
+    __init__.__signature__ = inspect.signature(FluxTransformer2DModel.__init__)  # type: ignore[attr-defined]
 
     def use_musar_attention(self) -> None:
-        """Route every attention layer through MusarAttnProcessor (idempotent)."""
+        """Route every attention layer through MusarAttnProcessor (idempotent).
+
+        Done at construction; call it again after installing other processors. A replaced
+        processor's attention backend (``set_attention_backend``) carries over.
+        """
         for block in (*self.transformer_blocks, *self.single_transformer_blocks):
-            if not isinstance(block.attn.processor, MusarAttnProcessor):
-                block.attn.set_processor(MusarAttnProcessor())
+            old = block.attn.processor
+            if isinstance(old, MusarAttnProcessor):
+                continue
+            new = MusarAttnProcessor()
+            new._attention_backend = getattr(old, "_attention_backend", None)
+            new._parallel_config = getattr(old, "_parallel_config", None)
+            block.attn.set_processor(new)
+
+    def check_routing_processors(self) -> None:
+        """Conditions need every attention layer to route: refuse rather than ignore them."""
+        groups = (("transformer_blocks", self.transformer_blocks), ("single_transformer_blocks", self.single_transformer_blocks))
+        for name, blocks in groups:
+            for i, block in enumerate(blocks):
+                proc = block.attn.processor
+                if not isinstance(proc, MusarAttnProcessor):
+                    raise MusarError(
+                        f"{name}.{i}.attn uses {type(proc).__name__}, which cannot route MUSAR's conditions; "
+                        "call transformer.use_musar_attention() first, or pass no conditions"
+                    )
+
+    def compile_repeated_blocks(self, **compile_kwargs: Any) -> None:
+        """Regional ``torch.compile``, as diffusers' method of that name: the blocks, not the model.
+
+        diffusers compiles each block's ``forward``; MUSAR runs its blocks through
+        :mod:`musar.models.blocks` instead, so this compiles those two functions. Every double
+        (single) block shares one compiled graph; the routed attention inside has no graph
+        break (``fullgraph=True`` holds; ``auto`` routing is ``flex`` on CUDA, and ``fast``
+        routes NOISE rows without a host read under compile). ``compile_kwargs`` go to
+        ``torch.compile``. Building a condition cache runs the blocks eagerly (once per image).
+        """
+        self._compiled_blocks = (
+            torch.compile(double_block_forward, **compile_kwargs),
+            torch.compile(single_block_forward, **compile_kwargs),
+        )
 
     def _time_embedding(
         self, t: torch.Tensor, guidance: torch.Tensor | None, pooled: torch.Tensor, dtype: torch.dtype
@@ -134,7 +184,6 @@ class MusarTransformer(FluxTransformer2DModel):
         ``condition_cache`` (instead of ``conditions``) reads the references' keys/values from
         :meth:`build_condition_cache`; ``routing`` then defaults to the cache's options.
         """
-        self.use_musar_attention()
         if condition_cache is not None:
             if conditions is not None and conditions.num > 0:
                 raise ValueError("pass either conditions or a condition_cache, not both")
@@ -177,6 +226,8 @@ class MusarTransformer(FluxTransformer2DModel):
 
         candidates = cond.candidates if cond else None
         check_candidates(candidates, batch, layout.noise)
+        if cond:
+            self._check_condition_inputs(cond.spans, layout.prompt)
         ctx = RoutingContext(
             layout, routing or RoutingOptions(), cond.spans if cond else None, step_index, capture,
             candidates=candidates,
@@ -198,15 +249,38 @@ class MusarTransformer(FluxTransformer2DModel):
         layout: TokenLayout,
         ctx: RoutingContext,
     ) -> torch.Tensor:
-        """Every block on the streams; ``layout`` describes the rows the streams hold."""
+        """Every block on the streams; ``layout`` describes the rows the streams hold.
+
+        Without conditions the attention layers are called as FLUX calls them (no routing).
+        """
         run = self._maybe_checkpoint
+        routed = ctx.layout.num_conditions > 0
+        if routed:
+            cfg = self.config
+            ctx.prepare(image.device, image.dtype, cfg.num_attention_heads, cfg.attention_head_dim)
+        double, single = double_block_forward, single_block_forward
+        if self._compiled_blocks is not None and not ctx.cache_write:
+            double, single = self._compiled_blocks
         for i, block in enumerate(self.transformer_blocks):
-            text, image = run(double_block_forward, block, image, text, temb, temb_cond, rotary, layout, ctx.layer(i))
+            layer = ctx.layer(i) if routed else None
+            text, image = run(double, block, image, text, temb, temb_cond, rotary, layout, layer)
+            if layer is not None and layer.capturing:
+                layer.flush()
         joint = torch.cat([text, image], dim=1)
         offset = len(self.transformer_blocks)
         for j, block in enumerate(self.single_transformer_blocks):
-            joint = run(single_block_forward, block, joint, temb, temb_cond, rotary, layout, ctx.layer(offset + j))
+            layer = ctx.layer(offset + j) if routed else None
+            joint = run(single, block, joint, temb, temb_cond, rotary, layout, layer)
+            if layer is not None and layer.capturing:
+                layer.flush()
         return joint
+
+    def _check_condition_inputs(self, spans: torch.Tensor | None, prompt_len: int) -> None:
+        self.check_routing_processors()
+        # Reading the spans is a host sync, which a compiled forward cannot trace: there the
+        # pipeline's spans (found by matching tokens, so in range by construction) are trusted.
+        if spans is not None and not torch.compiler.is_compiling():
+            check_spans(spans, prompt_len)
 
     @torch.no_grad()
     def build_condition_cache(
@@ -222,7 +296,7 @@ class MusarTransformer(FluxTransformer2DModel):
         never see PROMPT or NOISE, so this equals what every step of the full forward computes.
         ``pooled_projections`` and ``guidance`` must be the ones the denoising steps will use.
         """
-        self.use_musar_attention()
+        self.check_routing_processors()
         options = routing or RoutingOptions(independent_conditions=True)
         cache = ConditionCache(
             cond_image=tuple(x.shape[1] for x in conditions.image_latents),
@@ -276,6 +350,7 @@ class MusarTransformer(FluxTransformer2DModel):
         img_ids = img_ids[0] if img_ids.ndim == 3 else img_ids
         rotary = self.pos_embed(torch.cat([txt_ids, img_ids], dim=0))
         check_candidates(cache.candidates, cache.batch, streams.noise)
+        self._check_condition_inputs(cache.spans, streams.prompt)
         ctx = RoutingContext(
             cache.layout(streams.prompt, streams.noise), options, cache.spans, step_index, capture, cache=cache,
             candidates=cache.candidates,
