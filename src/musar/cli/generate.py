@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from musar.cli.args import add, value
+from musar.cli.args import add, add_attention, value
 from musar.errors import MusarError
 from musar.pipelines import quantization_spec as quant
 from musar.utils.io import atomic_path, atomic_write_json, write_image_and_sidecar
@@ -71,10 +71,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="what tokens outside every box read: all = dynamic routing picks among all subjects (default), "
         "none = no reference",
     )
-    add(
-        p, "--attention", choices=["auto", "fast", "flex", "reference"], default="auto",
-        help="routed attention backend: auto = flex on CUDA, fast elsewhere; reference = dense mask (slow)",
-    )
+    add_attention(p)
     add(
         p, "--independent-conditions", action="store_true",
         help="conditions never see the noisy image (needs a LoRA trained so); caches their K/V across steps",

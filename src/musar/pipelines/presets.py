@@ -106,7 +106,6 @@ def load_pipeline(
     preset: str | None = None,
     lora: str | os.PathLike[str] | None = None,
     dtype: str = "bf16",
-    attention: str = "fast",
     device: str | None = None,
     offload: str = "none",
     single_lora: bool = False,
@@ -117,7 +116,6 @@ def load_pipeline(
     ``quantize``: ``none``, ``int8wo``, ``fp8wo``, ``nf4`` or ``gguf:PATH``
     (:mod:`musar.pipelines.quantization_spec`); checked before any model loads.
     """
-    del attention  # chosen per call; accepted here so callers can pass their settings through
     if dtype not in DTYPE_NAMES:
         raise MusarError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPE_NAMES)}")
     if preset is not None and model is not None:

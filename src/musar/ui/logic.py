@@ -95,7 +95,7 @@ class Request:
     condition_size: int = 512
     condition_fit: str = "pad"
     dynamic_routing: bool = True
-    attention: str = "fast"
+    attention: str = DEFAULT_ATTENTION
     boxes: tuple[tuple[float, float, float, float] | None, ...] | None = None  # one per subject, or None
     outside_boxes: str = "all"
 
