@@ -145,10 +145,11 @@ def load_pipeline(
         if not torch.cuda.is_available():
             raise MusarError("--offload needs a CUDA GPU (it moves weights between CPU and GPU)")
         (pipe.enable_model_cpu_offload if offload == "model" else pipe.enable_sequential_cpu_offload)()
-    elif preset is not None or spec.enabled:  # presets keep their dtype; quantised models cannot be cast
-        pipe.to(device=device)
     else:
-        pipe.to(device=device, dtype=torch_dtype(dtype))
+        # Every component is already in its dtype: from_pretrained(dtype=) loaded it so (keeping the
+        # modules a model marks float32), presets keep theirs, quantised weights cannot be cast.
+        # Casting here again would undo the first and make diffusers warn about it.
+        pipe.to(device=device)
     return pipe
 
 
