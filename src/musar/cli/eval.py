@@ -9,7 +9,6 @@ keyword arguments they add to ``load_pipeline`` and to each pipeline call, nothi
 from __future__ import annotations
 
 import argparse
-import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from musar.cli.args import add, add_attention, each, value
 from musar.errors import MusarError
 from musar.eval.protocols import DEFAULT_SEEDS, PROTOCOLS, build_cases
 from musar.pipelines import quantization_spec as quant
+from musar.utils.io import file_sha256
 from musar.utils.validation import (
     COUNT,
     GUIDANCE,
@@ -138,30 +138,20 @@ def compare_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     import diffusers
     import torch
 
     import musar
 
-    lora = Path(args.lora).expanduser().resolve() if args.lora else None
-    if lora is not None and not lora.is_file():
-        raise MusarError(f"LoRA file not found: {lora}")
+    lora = Path(args.lora).expanduser().resolve() if args.lora else None  # checked by --lora's rule
     return {
         "protocol": args.protocol,
         "data": str(Path(args.data).expanduser().resolve()),
         "model": args.model,
         "preset": args.preset,
         "lora": str(lora) if lora else None,
-        "lora_sha256": _sha256(lora) if lora else None,
+        "lora_sha256": file_sha256(lora) if lora else None,
         "ablation": args.ablation,
         "height": args.height,
         "width": args.width,
