@@ -9,11 +9,11 @@ declaration order. ``musar.cli.main`` calls it after parsing and before the comm
 every check of every command precedes any heavy import, model load or output. A failing check
 reads like argparse's own: ``musar generate: error: argument --lora: LoRA file not found: x``.
 
-Layout boxes, for instance, plug in as two declarations::
+Layout boxes, for instance, plug in as two declarations (``musar.cli.generate``)::
 
-    add(p, "--box", nargs=4, type=BOX_COORD, action="append", metavar=("X0", "Y0", "X1", "Y1"),
-        check=check_boxes, help=...)        # check_boxes(boxes, args): x0 < x1, y0 < y1, one per --subject
-    add(p, "--outside-boxes", choices=[...], default=..., help=...)
+    add(p, "--box", nargs="+", action="append", check=_check_boxes, help=...)
+    # _check_boxes(boxes, args): 4 numbers or 'none' each, one per --subject, within [0, 1], ...
+    add(p, "--outside-boxes", choices=["all", "none"], default="all", check=_check_outside, help=...)
 """
 
 from __future__ import annotations

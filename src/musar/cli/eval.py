@@ -1,7 +1,7 @@
 """``musar eval``: run a protocol and write the Table-1 report; ``musar eval compare``: one table
 across runs.
 
-The generator comes from ``musar.pipelines.pipeline_musar.load_pipeline`` (imported only when a run starts, so
+The generator comes from ``musar.pipelines.presets.load_pipeline`` (imported only when a run starts, so
 ``compare`` and the tests work without it). Ablations are expressed in :data:`ABLATIONS` as the
 keyword arguments they add to ``load_pipeline`` and to each pipeline call, nothing else.
 """
