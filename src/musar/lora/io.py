@@ -22,8 +22,8 @@ from torch import nn
 from musar.errors import MusarError
 from musar.lora import BranchLoRAConfig, inject_branch_lora, lora_named_parameters, remove_branch_lora
 from musar.utils.io import atomic_path
+from musar.utils.validation import LORA_FORMAT as FORMAT  # the header's "format", checked without torch there
 
-FORMAT = "musar-branch-lora"
 FORMAT_VERSION = "1"
 
 

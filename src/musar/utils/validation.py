@@ -286,7 +286,7 @@ def check_preset_name(name: str) -> None:
     check_preset(name)
 
 
-LORA_FORMAT = "musar-branch-lora"  # musar.lora.io.FORMAT (that module imports torch)
+LORA_FORMAT = "musar-branch-lora"  # the "format" in a MUSAR LoRA file's header (musar.lora.io writes it)
 
 
 def check_lora_file(path: str | os.PathLike[str]) -> Path:
