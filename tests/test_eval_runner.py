@@ -161,14 +161,13 @@ def test_cli_with_fake_pipeline(
     seen: dict[str, Any] = {"calls": []}
 
     def load_pipeline(
-        model: str | None, preset: str | None, lora: str | None, dtype: str, attention: str, **extra: Any
+        model: str | None, preset: str | None, lora: str | None, dtype: str, **extra: Any
     ) -> Any:
         seen["load"] = {
             "model": model,
             "preset": preset,
             "lora": lora,
             "dtype": dtype,
-            "attention": attention,
             **extra,
         }
 
@@ -193,7 +192,6 @@ def test_cli_with_fake_pipeline(
         "preset": "tiny",
         "lora": None,
         "dtype": "bf16",
-        "attention": "fast",
     }
     (call,) = seen["calls"]
     assert (
@@ -201,7 +199,7 @@ def test_cli_with_fake_pipeline(
         and call["generator"].initial_seed() == 3
         and len(call["subjects"]) == 2
     )
-    assert call["attention"] == "fast" and call["progress"] is False
+    assert call["attention"] == "auto" and call["progress"] is False
     assert Image.open(out / "images" / "pair00-backpack+cat_s3.png").size == (80, 64)
     assert "| preset tiny [no-dynamic-routing] |" in capsys.readouterr().out
 

@@ -18,9 +18,9 @@ ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 TINY_NOTICE = "musar: preset 'tiny' has RANDOM weights: the image is noise, for smoke tests only."
 
 
-def _stderr_lines(preset: str, out: Path) -> list[str]:
+def _stderr_lines(source: list[str], out: Path) -> list[str]:
     cmd = [
-        sys.executable, "-m", "musar.cli", "generate", "--preset", preset,
+        sys.executable, "-m", "musar.cli", "generate", *source,
         "--prompt", "a photo of a corgi and a red backpack on a beach",
         "--subject", str(ROOT / "examples" / "dog.jpg"), "a corgi",
         "--subject", str(ROOT / "examples" / "backpack.jpg"), "a red backpack",
@@ -36,7 +36,16 @@ def _stderr_lines(preset: str, out: Path) -> list[str]:
 @pytest.mark.parametrize(("preset", "expected"), [("tiny", [TINY_NOTICE]), ("toy", [])])
 def test_generate_prints_no_warning(preset: str, expected: list[str], tmp_path: Path) -> None:
     # toy is trained: no RANDOM-weights notice, and its codec loads without a type warning.
-    assert _stderr_lines(preset, tmp_path / "out.png") == expected
+    assert _stderr_lines(["--preset", preset], tmp_path / "out.png") == expected
+
+
+def test_generate_from_a_model_folder_prints_no_warning(tmp_path: Path) -> None:
+    # A diffusers folder loaded in --dtype bf16 (the default): the components load in that dtype
+    # and are not cast again, which diffusers would warn about ("should be kept in float32").
+    from musar.pipelines.presets import tiny_pipeline
+
+    tiny_pipeline().save_pretrained(tmp_path / "flux")
+    assert _stderr_lines(["--model", str(tmp_path / "flux")], tmp_path / "out.png") == []
 
 
 def test_filters_drop_only_the_known_messages() -> None:

@@ -39,6 +39,15 @@ def test_dtype_reaches_every_component(pipe: MusarPipeline, tmp_path: Path, keyw
         MusarPipeline.from_pretrained(tmp_path / "flux", dtype=torch.bfloat16, torch_dtype=torch.float16)
 
 
+def test_a_dtype_per_component(pipe: MusarPipeline, tmp_path: Path) -> None:
+    pipe.save_pretrained(tmp_path / "flux")
+    # (fp16 for the others would keep T5's `wo` layers in float32, by transformers' own rule)
+    loaded = MusarPipeline.from_pretrained(tmp_path / "flux", dtype={"transformer": torch.float16, "default": torch.bfloat16})
+    assert {p.dtype for p in loaded.transformer.parameters()} == {torch.float16}
+    for name in COMPONENTS[1:]:
+        assert {p.dtype for p in getattr(loaded, name).parameters()} == {torch.bfloat16}, name
+
+
 def test_output_is_a_base_output_and_return_dict_false_a_tuple(pipe: MusarPipeline) -> None:
     out = pipe(PROMPT, SUBJECTS, generator=torch.Generator().manual_seed(0), **ARGS)
     assert isinstance(out, BaseOutput) and out["images"] is out.images and out[0] is out.images

@@ -213,3 +213,25 @@ def test_train_step_bench_smoke(
     assert set(rows) == {"plain", "concat", "musar"}
     assert all(r["s_per_step"] > 0 and r["model_tflop"] > 0 and 0 < r["mfu"] < 1 for r in rows.values())
     assert "musar / concat step time" in capsys.readouterr().out
+
+
+def test_a_pretrained_base_loads_each_component_in_its_dtype(tmp_path: Path) -> None:
+    import logging
+
+    from musar.pipelines.presets import tiny_pipeline
+    from musar.train.setup import build_pipeline
+
+    tiny_pipeline().save_pretrained(tmp_path / "flux")
+    warned: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warned.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("diffusers").addHandler(handler)  # diffusers' loggers do not propagate to the root
+    try:
+        cfg = load_config(None, [f"model.pretrained={tmp_path / 'flux'}", "model.dtype=fp16", "model.encoder_dtype=bf16"])
+        pipe, dtype = build_pipeline(cfg)
+    finally:
+        logging.getLogger("diffusers").removeHandler(handler)
+    assert dtype == torch.float16 and {p.dtype for p in pipe.transformer.parameters()} == {torch.float16}
+    for encoder in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+        assert {p.dtype for p in encoder.parameters()} == {torch.bfloat16}
+    assert warned == []  # e.g. "should be kept in float32", diffusers' warning about a cast after loading

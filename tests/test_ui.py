@@ -82,10 +82,13 @@ def test_every_bad_row_reported_not_just_the_first(refs: tuple[str, str]) -> Non
         ({"width": 32}, ["width must be between 64 and 4096, got 32"]),
         ({"height": None}, ["height is empty"]),
         ({"width": 256.5}, ["width must be a whole number"]),
-        ({"steps": 0}, ["steps must be >= 1, got 0"]),
-        ({"steps": -3, "seed": -1}, ["steps must be >= 1", "seed must be between 0"]),
-        ({"guidance": None}, ["guidance must be a number"]),
-        ({"condition_size": 100}, ["condition size must be a positive multiple of 16, got 100"]),
+        ({"steps": 0}, ["steps must be between 1 and 1000, got 0"]),
+        ({"steps": -3, "seed": -1}, ["steps must be between 1 and 1000", "seed must be between 0"]),
+        ({"guidance": None}, ["guidance is empty"]),
+        ({"guidance": "strong"}, ["guidance must be a number, got 'strong'"]),
+        ({"condition_size": 100}, ["condition size must be a multiple of 16, got 100"]),
+        ({"steps": 5000, "guidance": 101.0, "condition_size": 4096},
+         ["steps must be between 1 and 1000", "guidance must be between 0 and 100", "condition size must be between 16 and 2048"]),
         ({"attention": "flash"}, ["unknown attention backend 'flash'"]),
         ({"condition_fit": "stretch"}, ["unknown reference fit 'stretch'"]),
     ],
@@ -97,6 +100,28 @@ def test_number_and_switch_problems(refs: tuple[str, str], overrides: dict[str, 
     for problem, needle in zip(problems, needles):
         assert needle in problem.text()
         assert problem.subject is None
+
+
+@pytest.mark.parametrize(
+    ("field", "flag", "value"),
+    [
+        ("height", "--height", 300),
+        ("width", "--width", 8000),
+        ("steps", "--steps", 0),
+        ("guidance", "--guidance", 101.0),
+        ("guidance", "--guidance", float("nan")),
+        ("seed", "--seed", 2**63),
+        ("condition_size", "--condition-size", 4096),
+    ],
+)
+def test_number_problems_say_what_the_cli_says(
+    refs: tuple[str, str], capsys: pytest.CaptureFixture[str], field: str, flag: str, value: float
+) -> None:
+    _, problems = check([(refs[0], "a dog")], **{field: value})
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["generate", "--prompt", PROMPT, "--subject", refs[0], "a dog", flag, str(value)])
+    cli_words = capsys.readouterr().err.strip().splitlines()[-1].split(f"argument {flag}: ")[1]
+    assert len(problems) == 1 and problems[0].text().endswith(f" {cli_words}"), (texts(problems), cli_words)
 
 
 def test_empty_prompt_and_no_subjects() -> None:

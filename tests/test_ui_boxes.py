@@ -52,7 +52,8 @@ def test_box_fields_become_request_boxes(refs: tuple[str, str]) -> None:
         (["0 0 0.05 1", "0 0 1 0.1"], {}, [(0, "smaller than one 16x16 px token"), (1, "smaller than one 16x16 px token")]),
         (["0 0 half 1", ""], {}, [(0, "a box is 4 numbers x0 y0 x1 y1")]),
         (["0 0 0.5 1", ""], {"dynamic_routing": False}, [(None, "boxes steer dynamic routing, which is switched off")]),
-        (["", ""], {"outside_boxes": "none"}, [(None, "'outside boxes: none' needs at least one subject box")]),
+        (["", ""], {"outside_boxes": "none"}, [(None, "outside_boxes='none' needs boxes")]),
+        (["0 0 0.5 1", ""], {"outside_boxes": "some"}, [(None, "outside_boxes must be one of all, none, got 'some'")]),
     ],
 )
 def test_box_problems_name_their_row(

@@ -51,6 +51,9 @@ TRAIN = ["train", "--config", str(REPO / "configs" / "tiny.yaml")]
 UI = ["ui", "--preset", "tiny", "--out-dir", "{w}/ui", "--port", "{free_port}"]
 BENCH = ["bench", "--preset", "tiny", "--device", "cpu", "--out", "{w}/b.json"]
 MAX_SEED = "9223372036854775807"
+# Two subjects at 64x64 for the layout boxes; BOXES[-2:] is the --out.
+BOXES = ["generate", "--prompt", "a corgi and a teapot on the beach", "--subject", "{fx}/dog.png", "a corgi",
+         "--subject", "{fx}/dog.png", "a teapot", "--preset", "tiny", "--height", "64", "--width", "64", "--out", "{w}/o.png"]
 
 # (row id, argv, text the one error line must contain)
 ROWS: list[tuple[str, list[str], str]] = [
@@ -106,6 +109,23 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("phrase-empty", [*GEN[:5], " ", *GEN[6:]], "a subject phrase is empty"),
     ("prompt-blank", [GEN[0], "--prompt", "  ", *GEN[3:]], "argument --prompt: prompt is empty"),
     ("choice-unknown", [*GEN, "--attention", "magic"], "argument --attention: invalid choice"),
+    # -- generate: layout boxes ------------------------------------------------------------------
+    ("box-coordinate-above-1", [*BOXES, "--box", "0", "0", "1.5", "1", "--box", "none"],
+     "box 1 (0, 0, 1.5, 1): coordinates are fractions of the image in [0, 1], got 1.5"),
+    ("box-coordinate-negative", [*BOXES, "--box", "none", "--box", "-0.1", "0", "0.5", "1"],
+     "box 2 (-0.1, 0, 0.5, 1): coordinates are fractions"),
+    ("box-coordinate-nan", [*BOXES, "--box", "0", "nan", "0.5", "1", "--box", "none"], "coordinates must be finite numbers, got nan"),
+    ("box-x1-before-x0", [*BOXES, "--box", "0.6", "0", "0.4", "1", "--box", "none"],
+     "box 1 (0.6, 0, 0.4, 1): x1 must be greater than x0"),
+    ("box-y1-at-y0", [*BOXES, "--box", "0", "0.5", "1", "0.5", "--box", "none"], "y1 must be greater than y0"),
+    ("box-below-one-token", [*BOXES, "--box", "0", "0", "0.15", "1", "--box", "none"],
+     "is 9.6x64 px at 64x64, smaller than one 16x16 px token"),
+    ("box-count-short", [*BOXES, "--box", "0", "0", "0.5", "1"], "got 1 --box for 2 subjects: give one --box per --subject"),
+    ("box-count-long", [*BOXES, "--box", "none", "--box", "none", "--box", "none"], "got 3 --box for 2 subjects"),
+    ("box-three-numbers", [*BOXES, "--box", "none", "--box", "0", "0", "1"], "--box 2 takes 4 numbers X0 Y0 X1 Y1 or 'none', got '0 0 1'"),
+    ("box-without-dynamic-routing", [*BOXES, "--box", "0", "0", "0.5", "1", "--box", "none", "--no-dynamic-routing"],
+     "boxes steer dynamic routing, which is switched off: turn it on (drop --no-dynamic-routing"),
+    ("outside-boxes-without-box", [*BOXES, "--outside-boxes", "none"], "--outside-boxes none needs --box"),
     # -- eval ------------------------------------------------------------------------------------------
     ("eval-seeds-repeat", [*EVAL, "--seeds", "1", "1"], "argument --seeds: seeds repeat: [1]"),
     ("eval-seed-negative", [*EVAL, "--seeds", "-3"], "argument --seeds: must be between 0"),

@@ -122,3 +122,23 @@ def test_the_pipeline_refuses_what_the_cli_refuses() -> None:
                             ({"num_inference_steps": 5000}, "steps must be between 1 and 1000")):
         with pytest.raises(MusarError, match=message):
             pipe("a corgi", [(examples / "dog.jpg", "a corgi")], height=64, width=64, **kwargs)
+
+
+def test_every_command_defaults_to_the_routing_options_backend(tmp_path: Path) -> None:
+    """generate, eval, the UI and the pipeline offer the backends RoutingOptions knows, with its default."""
+    import inspect
+
+    from musar import cli
+    from musar.cli.args import ATTENTION_BACKENDS
+    from musar.models.routing import BACKENDS, RoutingOptions
+    from musar.pipelines.pipeline_musar import MusarPipeline
+    from musar.ui.logic import DEFAULT_ATTENTION, Request
+
+    default = RoutingOptions().backend
+    assert ATTENTION_BACKENDS == BACKENDS
+    parser = cli.build_parser()
+    generate = parser.parse_args(["generate", "--prompt", "a dog", "--subject", "d.png", "a dog"])
+    evaluate = parser.parse_args(["eval", "--protocol", "custom", "--data", "c.json", "--out", str(tmp_path)])
+    assert generate.attention == evaluate.attention == DEFAULT_ATTENTION == default
+    assert Request("a dog", (("d.png", "a dog"),), 64, 64, 1, 3.5, 0).attention == default
+    assert inspect.signature(MusarPipeline.__call__).parameters["attention"].default == default

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 from collections.abc import Collection, Sequence
 
@@ -60,17 +59,8 @@ def _command(argv: Sequence[str]) -> str | None:
     return None
 
 
-def _quiet_optional_backends() -> None:
-    """torchao (the ``quant`` extra) logs on every import, wherever it is installed: CUDA kernels a
-    CPU machine cannot load, enum registrations, tensor classes diffusers looks for. None of it
-    concerns a user of this command; real errors still show."""
-    for name in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    _quiet_optional_backends()
     command = _command(argv)
     parser = build_parser([command] if command else [])
     args = parser.parse_args(argv)

@@ -9,11 +9,11 @@ declaration order. ``musar.cli.main`` calls it after parsing and before the comm
 every check of every command precedes any heavy import, model load or output. A failing check
 reads like argparse's own: ``musar generate: error: argument --lora: LoRA file not found: x``.
 
-Layout boxes, for instance, plug in as two declarations::
+Layout boxes, for instance, plug in as two declarations (``musar.cli.generate``)::
 
-    add(p, "--box", nargs=4, type=BOX_COORD, action="append", metavar=("X0", "Y0", "X1", "Y1"),
-        check=check_boxes, help=...)        # check_boxes(boxes, args): x0 < x1, y0 < y1, one per --subject
-    add(p, "--outside-boxes", choices=[...], default=..., help=...)
+    add(p, "--box", nargs="+", action="append", check=_check_boxes, help=...)
+    # _check_boxes(boxes, args): 4 numbers or 'none' each, one per --subject, within [0, 1], ...
+    add(p, "--outside-boxes", choices=["all", "none"], default="all", check=_check_outside, help=...)
 """
 
 from __future__ import annotations
@@ -25,6 +25,13 @@ from typing import Any
 from musar.errors import MusarError
 
 Check = Callable[[Any, argparse.Namespace], None]
+
+# The routed-attention backends of musar.models.routing.BACKENDS (that module imports torch, so a
+# test keeps the two equal) and the one default of every command that generates, which is
+# RoutingOptions' own: the backends compute the same function, so the default is the fastest on
+# the machine at hand (docs/validation.md, "Choices", says why evaluation uses it too).
+ATTENTION_BACKENDS: tuple[str, ...] = ("auto", "fast", "flex", "reference")
+DEFAULT_ATTENTION = "auto"
 _CHECKS = "_musar_checks"  # namespace attribute: [(dest, flag, check), ...] of the chosen command
 
 
@@ -68,3 +75,12 @@ def each(check: Callable[[Any], Any]) -> Check:
 def value(check: Callable[[Any], Any]) -> Check:
     """A deferred check that needs only the value, not the other arguments."""
     return lambda v, args: check(v)
+
+
+def add_attention(parser: Any) -> argparse.Action:
+    """``--attention``, declared the same way by every command that generates."""
+    return add(
+        parser, "--attention", choices=ATTENTION_BACKENDS, default=DEFAULT_ATTENTION,
+        help="routed attention backend: auto = flex on CUDA, fast elsewhere (default); fast = grouped SDPA; "
+        "flex = FlexAttention block mask; reference = dense mask (slow)",
+    )

@@ -15,8 +15,8 @@ from typing import Any
 
 from musar.data.defaults import DEFAULT_PADDING, DEFAULT_QUALITY_THRESHOLD, SUBJECTS200K_HUB_ID
 from musar.errors import MusarError
-from musar.utils.checks import positive_int
 from musar.utils.io import check_writable
+from musar.utils.validation import COUNT
 
 HUB_PREVIEW_LIMIT = 1000
 
@@ -28,7 +28,7 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
         help=f"local parquet file/folder or hub dataset id (default {SUBJECTS200K_HUB_ID})",
     )
     p.add_argument(
-        "--limit", type=positive_int, default=None, help="read only the first N rows (streams hub data)"
+        "--limit", type=COUNT, default=None, help="read only the first N rows (streams hub data)"
     )
     p.add_argument(
         "--quality",
@@ -53,7 +53,7 @@ def add_parser(subparsers: Any) -> None:
     p = sub.add_parser("preview", help="write a contact sheet and samples.jsonl of one curriculum stage")
     _add_source_args(p)
     p.add_argument("--stage", type=int, choices=(1, 2, 3), default=1, help="curriculum stage (default 1)")
-    p.add_argument("--n", type=positive_int, default=8, help="number of samples (default 8)")
+    p.add_argument("--n", type=COUNT, default=8, help="number of samples (default 8)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.set_defaults(func=run_preview)

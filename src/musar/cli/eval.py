@@ -1,7 +1,7 @@
 """``musar eval``: run a protocol and write the Table-1 report; ``musar eval compare``: one table
 across runs.
 
-The generator comes from ``musar.pipelines.pipeline_musar.load_pipeline`` (imported only when a run starts, so
+The generator comes from ``musar.pipelines.presets.load_pipeline`` (imported only when a run starts, so
 ``compare`` and the tests work without it). Ablations are expressed in :data:`ABLATIONS` as the
 keyword arguments they add to ``load_pipeline`` and to each pipeline call, nothing else.
 """
@@ -9,8 +9,6 @@ keyword arguments they add to ``load_pipeline`` and to each pipeline call, nothi
 from __future__ import annotations
 
 import argparse
-import hashlib
-import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,10 +17,11 @@ from typing import Any
 
 from PIL import Image
 
-from musar.cli.args import add, each, value
+from musar.cli.args import add, add_attention, each, value
 from musar.errors import MusarError
 from musar.eval.protocols import DEFAULT_SEEDS, PROTOCOLS, build_cases
 from musar.pipelines import quantization_spec as quant
+from musar.utils.io import file_sha256
 from musar.utils.validation import (
     COUNT,
     GUIDANCE,
@@ -67,9 +66,6 @@ ABLATIONS: Mapping[str, Ablation] = MappingProxyType(
 )
 
 
-ATTENTION_BACKENDS = ("auto", "fast", "flex", "reference")  # as musar generate --attention
-
-
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "eval",
@@ -102,7 +98,7 @@ def add_parser(subparsers: Any) -> None:
     add(p, "--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     add(p, "--quantize", choices=quant.QUANTIZE_CHOICES, default="none", metavar=quant.METAVAR, help=quant.HELP,
         check=value(quant.check_quantize_arg))
-    add(p, "--attention", choices=ATTENTION_BACKENDS, default="fast", help="routed attention backend")
+    add_attention(p)
     add(p, "--metrics-batch-size", type=METRICS_BATCH, default=32, help=METRICS_BATCH.describe())
     add(p, "--skip-metrics", action="store_true", help="only generate images and grids")
     add(p, "--no-grids", action="store_true", help="do not write per-case image grids")
@@ -142,30 +138,20 @@ def compare_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     import diffusers
     import torch
 
     import musar
 
-    lora = Path(args.lora).expanduser().resolve() if args.lora else None
-    if lora is not None and not lora.is_file():
-        raise MusarError(f"LoRA file not found: {lora}")
+    lora = Path(args.lora).expanduser().resolve() if args.lora else None  # checked by --lora's rule
     return {
         "protocol": args.protocol,
         "data": str(Path(args.data).expanduser().resolve()),
         "model": args.model,
         "preset": args.preset,
         "lora": str(lora) if lora else None,
-        "lora_sha256": _sha256(lora) if lora else None,
+        "lora_sha256": file_sha256(lora) if lora else None,
         "ablation": args.ablation,
         "height": args.height,
         "width": args.width,
@@ -183,15 +169,6 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _accepts(fn: Any, name: str) -> bool:
-    """Whether ``fn`` takes keyword ``name`` (directly or through ``**kwargs``)."""
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-
-
 def build_generator(args: argparse.Namespace) -> Any:
     """``generate(prompt, subjects, seed) -> PIL.Image`` around the project's ``load_pipeline``."""
     import torch
@@ -204,13 +181,9 @@ def build_generator(args: argparse.Namespace) -> Any:
         preset=args.preset,
         lora=args.lora,
         dtype=args.dtype,
-        attention=args.attention,
         **({"quantize": args.quantize} if args.quantize != "none" else {}),
         **ablation.load_kwargs,
     )
-    # Optional call settings, passed only where the pipeline takes them: the per-call attention
-    # backend, and no inner progress bar under the runner's own.
-    extra = {k: v for k, v in (("attention", args.attention), ("progress", False)) if _accepts(pipe, k)}
 
     def generate(prompt: str, subjects: list[tuple[Image.Image, str]], seed: int) -> Image.Image:
         result = pipe(
@@ -221,8 +194,9 @@ def build_generator(args: argparse.Namespace) -> Any:
             num_inference_steps=args.steps,
             guidance_scale=args.guidance,
             generator=torch.Generator().manual_seed(seed),
+            attention=args.attention,
+            progress=False,  # the runner shows its own progress bar
             **ablation.call_kwargs,
-            **extra,
         )
         return result.images[0]
 

@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from musar.cli.args import add, value
+from musar.cli.args import add, add_attention, value
 from musar.errors import MusarError
 from musar.pipelines import quantization_spec as quant
-from musar.utils.io import atomic_path, atomic_write_json, write_image_and_sidecar
+from musar.utils.io import atomic_write_json, write_image_and_sidecar
 from musar.utils.validation import (
     CONDITION_SIZE,
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -71,10 +71,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="what tokens outside every box read: all = dynamic routing picks among all subjects (default), "
         "none = no reference",
     )
-    add(
-        p, "--attention", choices=["auto", "fast", "flex", "reference"], default="auto",
-        help="routed attention backend: auto = flex on CUDA, fast elsewhere; reference = dense mask (slow)",
-    )
+    add_attention(p)
     add(
         p, "--independent-conditions", action="store_true",
         help="conditions never see the noisy image (needs a LoRA trained so); caches their K/V across steps",
@@ -215,19 +212,15 @@ def _sidecar(
 
 
 def _write_routing_maps(folder: Path, result: Any, image: Any, phrases: list[str], outside_boxes: str) -> None:
-    from musar.pipelines.routing_maps import route_overlay, save_routing_grid
+    from musar.pipelines.routing_maps import save_routing_maps
 
-    if result.routing is None or not result.routing.steps:
+    if save_routing_maps(result, image, phrases, folder) is None:
         print("musar: no routing maps: dynamic routing only acts with 2+ subjects (or boxes) and routing on", file=sys.stderr)
         return
-    rec, boxes = result.routing, result.boxes
-    save_routing_grid(rec, result.grid, phrases, folder / "routing_grid.png", boxes=boxes)
-    overlay = route_overlay(image, rec.routes(rec.steps[-1])[0], result.grid, boxes=boxes, num_conditions=len(phrases))
-    with atomic_path(folder / "route_overlay.png") as tmp:
-        overlay.save(tmp, format="PNG")
+    boxes = result.boxes
     extra = {
         "phrases": phrases, "grid": list(result.grid), "outside_boxes": outside_boxes,
         "boxes": None if boxes is None else [None if b is None else list(b) for b in boxes],
     }
-    atomic_write_json(folder / "routing.json", rec.to_dict() | extra)
+    atomic_write_json(folder / "routing.json", result.routing.to_dict() | extra)
     print(f"wrote routing maps to {folder}/ (routing_grid.png, route_overlay.png)")

@@ -5,9 +5,10 @@ Files under the output folder (all written atomically):
 * ``cases.csv``: one row per generated image, columns :data:`CASES_COLUMNS`. ``kind`` is
   ``single`` or ``multi`` (Table 1's column groups); the ``*_per_subject`` columns hold the
   per-subject means, ``;``-separated in the case's subject order. Metric cells are empty when
-  the run skipped metrics.
-* ``summary.json``: settings, counts, and per group (``single``, ``multi``, ``all``) and metric
-  the mean, sample standard deviation and a 95% interval. The interval is a normal
+  the run skipped metrics or the value is degenerate (NaN, infinite).
+* ``summary.json`` (strict JSON: ``null`` where there is no value, never NaN): settings, counts,
+  and per group (``single``, ``multi``, ``all``) and metric the mean, sample standard deviation
+  and a 95% interval, over the finite values only. The interval is a normal
   approximation over *cases*: the seeds of one case are averaged first (they share prompt and
   subjects, so they are not independent draws), then mean ± 1.96·s/√n over the n cases. With a
   single case there is no interval (``null``).
@@ -75,13 +76,20 @@ class ImageRow:
     clip_i_per_subject: tuple[float, ...] = ()
 
 
+def _score(value: float | None) -> float | None:
+    """A metric value, or None when it is missing or degenerate (NaN, infinite): never averaged,
+    never written as NaN (summary.json is strict JSON)."""
+    return value if value is not None and math.isfinite(value) else None
+
+
 def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        value = _score(value)
+        return "" if value is None else f"{value:.6f}"
     if value is None:
         return ""
-    if isinstance(value, float):
-        return f"{value:.6f}"
     if isinstance(value, tuple):
-        return ";".join(f"{v:.6f}" for v in value)
+        return ";".join(_cell(v) for v in value)
     return str(value)
 
 
@@ -123,7 +131,7 @@ def summarize(rows: Sequence[ImageRow], settings: dict[str, Any]) -> dict[str, A
         for m in METRICS:
             by_case: dict[str, list[float]] = {}
             for r in members:
-                value = getattr(r, m)
+                value = _score(getattr(r, m))
                 if value is not None:
                     by_case.setdefault(r.case_id, []).append(value)
             if by_case:
@@ -202,7 +210,7 @@ def write_report(out_dir: Path, rows: Sequence[ImageRow], settings: dict[str, An
     """Write cases.csv, summary.json and table.md; return the summary."""
     summary = summarize(rows, settings)
     write_cases_csv(out_dir / "cases.csv", rows)
-    atomic_write_json(out_dir / "summary.json", summary)
+    atomic_write_json(out_dir / "summary.json", summary, strict=True)
     atomic_write_text(out_dir / "table.md", render_run_table(summary))
     return summary
 

@@ -10,7 +10,6 @@ a safetensors file (pickles included) and any key or shape that does not fit the
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -23,8 +22,8 @@ from torch import nn
 from musar.errors import MusarError
 from musar.lora import BranchLoRAConfig, inject_branch_lora, lora_named_parameters, remove_branch_lora
 from musar.utils.io import atomic_path
+from musar.utils.validation import LORA_FORMAT as FORMAT  # the header's "format", checked without torch there
 
-FORMAT = "musar-branch-lora"
 FORMAT_VERSION = "1"
 
 
@@ -124,11 +123,3 @@ def _copy_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
                         f"the model expects {tuple(p.shape)}"
                     )
                 p.copy_(tensor.to(p.dtype))
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

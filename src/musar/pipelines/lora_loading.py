@@ -36,9 +36,10 @@ from typing import Any
 import torch
 
 from musar.errors import MusarError
-from musar.lora.io import file_sha256, is_branch_lora_file, load_branch_lora, save_branch_lora
+from musar.lora.io import is_branch_lora_file, load_branch_lora, save_branch_lora
 from musar.lora.layer import release_hosts, remove_branch_lora
 from musar.lora.stacking import forget_adapters, parse_token_kinds, restrict_adapter, unwrapped_hosts
+from musar.utils.io import file_sha256
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default file name
 MUSAR_KEY = re.compile(r"\.lora_[AB]\.(noise|subject|shared)\.weight$")

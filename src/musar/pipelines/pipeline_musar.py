@@ -55,7 +55,8 @@ class MusarPipeline(MusarLoraLoaderMixin, FluxPipeline):
         transformer_quant, kwargs["quantization_config"] = split_quantization_config(kwargs.pop("quantization_config", None))
         transformer_kwargs = {k: v for k, v in (("quantization_config", transformer_quant), ("device_map", kwargs.get("device_map"))) if v}
         # diffusers' current keyword is `dtype` (`torch_dtype` is deprecated); accept both and hand
-        # the same one to every component, the MUSAR transformer included.
+        # it to every component, the MUSAR transformer included. As in diffusers, a dict gives
+        # components their own dtypes ({"transformer": torch.bfloat16, "default": torch.float32}).
         torch_dtype = kwargs.pop("torch_dtype", None)
         dtype = kwargs.pop("dtype", None)
         if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
@@ -63,10 +64,14 @@ class MusarPipeline(MusarLoraLoaderMixin, FluxPipeline):
         dtype = dtype if dtype is not None else torch_dtype
         if dtype is not None:
             kwargs["dtype"] = dtype
+        if isinstance(dtype, dict):
+            transformer_kwargs["dtype"] = dtype.get("transformer", dtype.get("default", torch.float32))
+        elif dtype is not None:
+            transformer_kwargs["dtype"] = dtype
         try:
             if "transformer" not in kwargs:
                 kwargs["transformer"] = MusarTransformer.from_pretrained(
-                    pretrained_model_name_or_path, subfolder="transformer", **({"dtype": dtype} if dtype else {}), **transformer_kwargs
+                    pretrained_model_name_or_path, subfolder="transformer", **transformer_kwargs
                 )
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         except (OSError, ValueError) as e:

@@ -106,7 +106,6 @@ def load_pipeline(
     preset: str | None = None,
     lora: str | os.PathLike[str] | None = None,
     dtype: str = "bf16",
-    attention: str = "fast",
     device: str | None = None,
     offload: str = "none",
     single_lora: bool = False,
@@ -117,7 +116,6 @@ def load_pipeline(
     ``quantize``: ``none``, ``int8wo``, ``fp8wo``, ``nf4`` or ``gguf:PATH``
     (:mod:`musar.pipelines.quantization_spec`); checked before any model loads.
     """
-    del attention  # chosen per call; accepted here so callers can pass their settings through
     if dtype not in DTYPE_NAMES:
         raise MusarError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPE_NAMES)}")
     if preset is not None and model is not None:
@@ -147,10 +145,11 @@ def load_pipeline(
         if not torch.cuda.is_available():
             raise MusarError("--offload needs a CUDA GPU (it moves weights between CPU and GPU)")
         (pipe.enable_model_cpu_offload if offload == "model" else pipe.enable_sequential_cpu_offload)()
-    elif preset is not None or spec.enabled:  # presets keep their dtype; quantised models cannot be cast
-        pipe.to(device=device)
     else:
-        pipe.to(device=device, dtype=torch_dtype(dtype))
+        # Every component is already in its dtype: from_pretrained(dtype=) loaded it so (keeping the
+        # modules a model marks float32), presets keep theirs, quantised weights cannot be cast.
+        # Casting here again would undo the first and make diffusers warn about it.
+        pipe.to(device=device)
     return pipe
 
 

@@ -201,3 +201,24 @@ def route_overlay(
     if boxes is not None:
         draw_boxes(out, boxes, width=max(1, min(image.size) // 128))
     return out
+
+
+def save_routing_maps(
+    result: Any, image: Image.Image, phrases: Sequence[str], folder: str | os.PathLike[str]
+) -> tuple[Path, Path] | None:
+    """``routing_grid.png`` and ``route_overlay.png`` of one generation in ``folder``.
+
+    ``result``: a pipeline output called with ``return_routing=True``; ``image`` its image. The
+    overlay shows the routes of the last recorded step. None (nothing written) when no routing
+    was recorded: dynamic routing acts only with 2+ subjects or boxes, and when it is on.
+    """
+    rec = result.routing
+    if rec is None or not rec.steps:
+        return None
+    folder = Path(folder)
+    grid_path = save_routing_grid(rec, result.grid, list(phrases), folder / "routing_grid.png", boxes=result.boxes)
+    overlay = route_overlay(image, rec.routes(rec.steps[-1])[0], result.grid, boxes=result.boxes, num_conditions=len(phrases))
+    overlay_path = folder / "route_overlay.png"
+    with atomic_path(overlay_path) as tmp:
+        overlay.save(tmp, format="PNG")
+    return grid_path, overlay_path

@@ -86,10 +86,11 @@ def build_pipeline(cfg: TrainConfig) -> tuple[Any, torch.dtype]:
     from musar.pipelines.pipeline_musar import MusarPipeline
 
     dtype = torch_dtype(cfg.model.dtype)
-    pipe = MusarPipeline.from_pretrained(cfg.model.pretrained, dtype=dtype)
-    encoder_dtype = torch_dtype(cfg.model.encoder_dtype)
-    for encoder in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
-        encoder.to(dtype=encoder_dtype)
+    # Each component loads in its own dtype (the VAE and text encoders in encoder_dtype): a cast
+    # after loading would lose the modules a model keeps in float32.
+    pipe = MusarPipeline.from_pretrained(
+        cfg.model.pretrained, dtype={"transformer": dtype, "default": torch_dtype(cfg.model.encoder_dtype)}
+    )
     return pipe, dtype
 
 

@@ -58,7 +58,7 @@ class Studio:
     def _generate(self, request: Request, folder: Path, status: Callable[[str], None] | None) -> Record:
         import torch
 
-        from musar.pipelines.routing_maps import route_overlay, save_routing_grid
+        from musar.pipelines.routing_maps import save_routing_maps
 
         refs = []
         for k, (image, phrase) in enumerate(request.subjects, 1):
@@ -91,18 +91,7 @@ class Studio:
         image_path = folder / "image.png"
         with atomic_path(image_path) as tmp:
             image.save(tmp, format="PNG")
-        grid_path = overlay_path = None
-        rec = result.routing
-        if rec is not None and rec.steps:
-            grid_path = save_routing_grid(
-                rec, result.grid, [p for _, p in refs], folder / "routing_grid.png", boxes=result.boxes
-            )
-            overlay_path = folder / "route_overlay.png"
-            overlay = route_overlay(
-                image, rec.routes(rec.steps[-1])[0], result.grid, boxes=result.boxes, num_conditions=len(refs)
-            )
-            with atomic_path(overlay_path) as tmp:
-                overlay.save(tmp, format="PNG")
+        grid_path, overlay_path = save_routing_maps(result, image, [p for _, p in refs], folder) or (None, None)
         command = cli_command(
             self.source, request, folder / "cli.png", folder / "cli_routing" if grid_path is not None else None
         )

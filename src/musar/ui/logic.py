@@ -18,6 +18,7 @@ from typing import Any
 
 from musar.cli.generate import add_parser as add_generate_parser
 from musar.errors import MusarError
+from musar.utils.validation import CONDITION_SIZE, GUIDANCE, HEIGHT, SEED, STEPS, WIDTH, Number
 
 
 def _generate_option(dest: str) -> tuple[tuple[str, ...], Any]:
@@ -35,7 +36,6 @@ def _generate_option(dest: str) -> tuple[tuple[str, ...], Any]:
 ATTENTION_BACKENDS, DEFAULT_ATTENTION = _generate_option("attention")
 CONDITION_FITS, DEFAULT_CONDITION_FIT = _generate_option("condition_fit")
 OUTSIDE_BOXES, DEFAULT_OUTSIDE_BOXES = _generate_option("outside_boxes")
-MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed accepts up to a signed 64-bit value
 
 
 @dataclass(frozen=True)
@@ -95,25 +95,31 @@ class Request:
     condition_size: int = 512
     condition_fit: str = "pad"
     dynamic_routing: bool = True
-    attention: str = "fast"
+    attention: str = DEFAULT_ATTENTION
     boxes: tuple[tuple[float, float, float, float] | None, ...] | None = None  # one per subject, or None
     outside_boxes: str = "all"
 
 
-def _whole(value: Any, name: str, problems: list[Problem]) -> int | None:
-    """A form number as an int, or a problem: Gradio hands over None for a cleared field."""
+def _number(value: Any, rule: Number, problems: list[Problem]) -> Any:
+    """A form number checked by the CLI's own rule (same words), or None with a problem.
+
+    Gradio hands over None for a cleared field, which the CLI never sees: that one gets its own
+    message. Text is read as a number first, as argparse would read it.
+    """
     if value is None or (isinstance(value, str) and not value.strip()):
-        problems.append(Problem(f"{name} is empty"))
+        problems.append(Problem(f"{rule.name} is empty"))
         return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            problems.append(Problem(f"{rule.name} must be a number, got {value!r}"))
+            return None
     try:
-        number = float(value)
-    except (TypeError, ValueError):
-        problems.append(Problem(f"{name} must be a number, got {value!r}"))
+        return rule.check(value)
+    except MusarError as e:
+        problems.append(Problem(str(e)))
         return None
-    if not math.isfinite(number) or number != int(number):
-        problems.append(Problem(f"{name} must be a whole number, got {value}"))
-        return None
-    return int(number)
 
 
 def _check(problems: list[Problem], check: Any, *args: Any, subject: int | None = None) -> bool:
@@ -123,37 +129,6 @@ def _check(problems: list[Problem], check: Any, *args: Any, subject: int | None 
         problems.append(Problem(str(e), subject))
         return False
     return True
-
-
-def _check_numbers(
-    height: Any, width: Any, steps: Any, guidance: Any, seed: Any, condition_size: Any, problems: list[Problem]
-) -> tuple[int | None, int | None, int | None, float | None, int | None, int | None]:
-    from musar.utils.checks import MIN_SIZE, check_size
-
-    h, w = _whole(height, "height", problems), _whole(width, "width", problems)
-    # check_size stops at the first bad side; pairing each side with a valid one reports both.
-    if h is not None:
-        _check(problems, check_size, h, MIN_SIZE)
-    if w is not None:
-        _check(problems, check_size, MIN_SIZE, w)
-    n_steps = _whole(steps, "steps", problems)
-    if n_steps is not None and n_steps < 1:
-        problems.append(Problem(f"steps must be >= 1, got {n_steps}"))
-    g = None
-    try:
-        g = float(guidance)
-        if not math.isfinite(g):
-            raise ValueError
-    except (TypeError, ValueError):
-        problems.append(Problem(f"guidance must be a number, got {guidance!r}"))
-        g = None
-    s = _whole(seed, "seed", problems)
-    if s is not None and not 0 <= s <= MAX_SEED:
-        problems.append(Problem(f"seed must be between 0 and {MAX_SEED}, got {s}"))
-    cs = _whole(condition_size, "condition size", problems)
-    if cs is not None and (cs % 16 != 0 or cs < 16):
-        problems.append(Problem(f"condition size must be a positive multiple of 16, got {cs}"))
-    return h, w, n_steps, g, s, cs
 
 
 def _check_subjects(
@@ -194,8 +169,13 @@ def _check_boxes(
     texts: Sequence[str | None], used: list[int], height: int | None, width: int | None,
     dynamic_routing: bool, outside_boxes: str, problems: list[Problem],
 ) -> tuple[tuple[float, float, float, float] | None, ...] | None:
-    """Each row's box field as a checked box (blank = no box), problems named by their row."""
-    from musar.models.boxes import check_box, parse_box_text
+    """Each row's box field as a checked box (blank = no box), problems named by their row.
+
+    The rules and their words are the pipeline's (:mod:`musar.models.boxes`): each box goes
+    through ``check_box`` under its own row, then ``check_boxes`` judges the set (the
+    outside-boxes policy, boxes with dynamic routing off).
+    """
+    from musar.models.boxes import check_box, check_boxes, parse_box_text
 
     boxes: dict[int, tuple[float, float, float, float] | None] = {}
     for k, text in enumerate(texts):
@@ -211,13 +191,15 @@ def _check_boxes(
         if box is not None and k not in used and k not in flagged:
             problems.append(Problem("this box has no subject: add its reference image and phrase, or clear the box", k))
     given = any(b is not None for b in boxes.values()) or len(boxes) < len(texts)
-    if not given:
-        if outside_boxes != "all":
-            problems.append(Problem(f"'outside boxes: {outside_boxes}' needs at least one subject box"))
+    # Each box was judged above, under its row: the set is judged with its boxes left out (so no
+    # size is read), and a bad box neither hides a set-level problem nor is reported twice.
+    try:
+        check_boxes([None] * len(used) if given else None, len(used), 0, 0,
+                    dynamic_routing=dynamic_routing, outside=outside_boxes)
+    except MusarError as e:
+        problems.append(Problem(str(e)))
         return None
-    if not dynamic_routing:
-        problems.append(Problem("boxes steer dynamic routing, which is switched off: tick Dynamic routing or clear the boxes"))
-    return tuple(boxes.get(k) for k in used)
+    return tuple(boxes.get(k) for k in used) if given else None
 
 
 def box_preview(
@@ -280,9 +262,9 @@ def check_request(
     if not prompt:
         problems.append(Problem("the prompt is empty"))
     subjects, used = _check_subjects(prompt, rows, problems)
-    h, w, n_steps, g, s, cs = _check_numbers(height, width, steps, guidance, seed, condition_size, problems)
-    if outside_boxes not in OUTSIDE_BOXES:
-        problems.append(Problem(f"unknown outside-boxes policy {outside_boxes!r}; expected one of {list(OUTSIDE_BOXES)}"))
+    h, w = _number(height, HEIGHT, problems), _number(width, WIDTH, problems)
+    n_steps, g = _number(steps, STEPS, problems), _number(guidance, GUIDANCE, problems)
+    s, cs = _number(seed, SEED, problems), _number(condition_size, CONDITION_SIZE, problems)
     checked_boxes = _check_boxes(
         list(boxes or [None] * len(rows)), used, h, w, bool(dynamic_routing), outside_boxes, problems
     )

@@ -129,11 +129,11 @@ TOKENS = Number("token count", int, 1, 4096)
 REPEATS = Number("repeats", int, 1, 10_000)
 WARMUP = Number("warmup", int, 0, 1000)
 THREADS = Number("threads", int, 1, 1024)
-BOX_COORD = Number("box coordinate", float, 0, 1, why="fractions of the output image")
+# Layout box coordinates are checked by musar.models.boxes.check_box (a box is 4 numbers or "none").
 
 RULES: tuple[Number, ...] = (
     SEED, STEPS, GUIDANCE, HEIGHT, WIDTH, CONDITION_SIZE, MAX_IMAGE_PIXELS, PORT, COUNT, METRICS_BATCH,
-    TRAIN_SEED, REFS, BENCH_SIZE, TOKENS, REPEATS, WARMUP, THREADS, BOX_COORD,
+    TRAIN_SEED, REFS, BENCH_SIZE, TOKENS, REPEATS, WARMUP, THREADS,
 )
 
 
@@ -286,7 +286,7 @@ def check_preset_name(name: str) -> None:
     check_preset(name)
 
 
-LORA_FORMAT = "musar-branch-lora"  # musar.lora.io.FORMAT (that module imports torch)
+LORA_FORMAT = "musar-branch-lora"  # the "format" in a MUSAR LoRA file's header (musar.lora.io writes it)
 
 
 def check_lora_file(path: str | os.PathLike[str]) -> Path:
