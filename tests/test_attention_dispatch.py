@@ -22,7 +22,7 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 from musar.errors import MusarError
 from musar.models.attention import MusarAttnProcessor
 from musar.models.boxes import box_candidates
-from musar.models.routing import RoutingOptions
+from musar.models.options import RoutingOptions
 from musar.models.transformer import MusarTransformer
 
 from helpers import make_inputs

@@ -27,7 +27,8 @@ from musar.models.boxes import (
 )
 from musar.models.cache import ConditionCache
 from musar.models.layout import TokenLayout
-from musar.models.routing import RoutingOptions, SegmentMap, routes_from_affinity
+from musar.models.options import RoutingOptions
+from musar.models.routing import SegmentMap, routes_from_affinity
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 

@@ -15,7 +15,8 @@ from musar.cli import main
 from musar.errors import MusarError
 from musar.models.attention import RouteRecord
 from musar.models.boxes import box_candidates, token_box_membership, token_labels_from_boxes
-from musar.models.routing import RoutingOptions, routing_accuracy
+from musar.models.options import RoutingOptions
+from musar.models.routing import routing_accuracy
 from musar.models.transformer import MusarTransformer
 from musar.pipelines.pipeline_musar import MusarPipeline
 from musar.pipelines.presets import tiny_pipeline

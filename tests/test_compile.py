@@ -23,7 +23,8 @@ from musar.lora import BranchLoRAConfig, inject_branch_lora
 from musar.models.boxes import box_candidates
 from musar.models.fast import fast_routed_attention
 from musar.models.layout import TokenLayout
-from musar.models.routing import RoutingOptions, SegmentMap, routed_mask
+from musar.models.options import RoutingOptions
+from musar.models.routing import SegmentMap, routed_mask
 from musar.models.transformer import MusarTransformer
 from musar.pipelines.routing_maps import RoutingRecorder
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from musar.models.layout import Kind, TokenLayout
+from musar.models.options import RoutingOptions
 from musar.models.routing import (
-    RoutingOptions,
     kept_fraction,
     no_condition,
     routed_mask,

@@ -27,7 +27,7 @@ from musar.errors import MusarError
 from musar.lora import BranchLoRAConfig, BranchLoRALinear, RowPlan, inject_branch_lora, lora_named_parameters
 from musar.lora.io import save_branch_lora
 from musar.models.layout import TokenLayout
-from musar.models.routing import RoutingOptions
+from musar.models.options import RoutingOptions
 from musar.models.transformer import MusarTransformer
 from musar.pipelines.presets import load_pipeline, tiny_pipeline
 from musar.pipelines.quantization import linear_weight_kinds, weight_bytes

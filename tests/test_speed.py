@@ -23,14 +23,8 @@ from musar.lora import BranchLoRAConfig, inject_branch_lora
 from musar.models.boxes import box_candidates
 from musar.models.flex import FlexPlan, FlexStatics, flex_plan, flex_routed_attention, flex_statics
 from musar.models.layout import TokenLayout
-from musar.models.routing import (
-    RoutingOptions,
-    SegmentMap,
-    resolve_backend,
-    routed_mask,
-    subject_affinity,
-    subject_affinity_fused,
-)
+from musar.models.options import RoutingOptions, resolve_backend
+from musar.models.routing import SegmentMap, routed_mask, subject_affinity, subject_affinity_fused
 from musar.models.transformer import MusarTransformer
 
 from helpers import make_inputs

@@ -13,7 +13,7 @@ from musar.lora import BranchLoRAConfig, inject_branch_lora
 from musar.models.attention import LayerRouting, RouteRecord, RoutingContext
 from musar.models.boxes import box_candidates
 from musar.models.layout import TokenLayout
-from musar.models.routing import RoutingOptions
+from musar.models.options import RoutingOptions
 from musar.models.transformer import MusarTransformer
 
 from helpers import make_inputs

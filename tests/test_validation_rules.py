@@ -130,7 +130,7 @@ def test_every_command_defaults_to_the_routing_options_backend(tmp_path: Path) -
 
     from musar import cli
     from musar.cli.args import ATTENTION_BACKENDS
-    from musar.models.routing import BACKENDS, RoutingOptions
+    from musar.models.options import BACKENDS, RoutingOptions
     from musar.pipelines.pipeline_musar import MusarPipeline
     from musar.ui.logic import DEFAULT_ATTENTION, Request
 

@@ -19,7 +19,7 @@ _EXPORTS: dict[str, str] = {
     "MusarPipelineOutput": "musar.pipelines.pipeline_musar",
     "MusarTransformer": "musar.models.transformer",
     "ConditionInputs": "musar.models.transformer",
-    "RoutingOptions": "musar.models.routing",
+    "RoutingOptions": "musar.models.options",
     "TokenLayout": "musar.models.layout",
     "BranchLoRAConfig": "musar.lora.config",
     "load_pipeline": "musar.pipelines.presets",

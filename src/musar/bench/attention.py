@@ -21,7 +21,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from musar.models.attention import RoutingContext
 from musar.models.flex import block_stats, flex_plan, flex_statics
 from musar.models.layout import TokenLayout
-from musar.models.routing import RoutingOptions, SegmentMap, resolve_backend
+from musar.models.options import RoutingOptions, resolve_backend
+from musar.models.routing import SegmentMap
 
 SDPA_KERNELS: dict[str, SDPBackend] = {
     "flash": SDPBackend.FLASH_ATTENTION,

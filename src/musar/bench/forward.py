@@ -13,7 +13,7 @@ from torch import nn
 
 from musar.bench.attention import default_spans, time_call
 from musar.models.attention import RouteRecord
-from musar.models.routing import RoutingOptions
+from musar.models.options import RoutingOptions
 from musar.models.transformer import ConditionInputs, MusarTransformer, condition_image_ids, latent_image_ids
 
 if TYPE_CHECKING:

@@ -141,7 +141,7 @@ def quantized_row(
     forward at c = 2 (time and peak) and a short generation (pipeline peak, VAE decode included).
     ``last``: no mode follows, so ``gguf`` may delete the transformer's safetensors as it encodes
     them (the GGUF replaces them; scratch space stays at one copy of the weights)."""
-    from musar.models.routing import RoutingOptions
+    from musar.models.options import RoutingOptions
     from musar.pipelines.presets import load_pipeline
 
     row: dict[str, Any] = {"mode": mode}

@@ -176,7 +176,7 @@ def part_attention(size: SuiteSize, rec: PartRecord, root: Path, scratch: Path) 
 
 def part_forward(size: SuiteSize, rec: PartRecord, root: Path, scratch: Path) -> None:
     from musar.bench.forward import forward_bench
-    from musar.models.routing import resolve_backend
+    from musar.models.options import resolve_backend
 
     s = bench_settings(size, size.forward_repeats, size.forward_warmup)
     rec.update(settings={"height": s.height, "width": s.width, "cond_size": s.cond_size, "refs": s.refs,

@@ -61,7 +61,7 @@ def _sdpa_context(name: str) -> Any:
 def _meta(s: Settings, args: argparse.Namespace) -> dict[str, Any]:
     import diffusers
 
-    from musar.models.routing import resolve_backend
+    from musar.models.options import resolve_backend
 
     dev = torch.cuda.get_device_name(s.device) if s.device.type == "cuda" else _cpu_name()
     n, nc = (s.height // 16) * (s.width // 16), (s.cond_size // 16) ** 2

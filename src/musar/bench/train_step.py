@@ -47,7 +47,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from musar.bench.forward import build_random_model
 from musar.bench.settings import FLUX_DEV_CONFIG, TINY_CONFIG
 from musar.lora import BranchLoRAConfig, inject_branch_lora, remove_branch_lora
-from musar.models.routing import RoutingOptions
+from musar.models.options import RoutingOptions
 from musar.models.transformer import ConditionInputs, MusarTransformer, condition_image_ids, latent_image_ids
 from musar.train.config import ObjectiveConfig
 from musar.train.objective import EncodedBatch, draw_noise, flow_step_loss

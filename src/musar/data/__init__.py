@@ -25,7 +25,7 @@ _EXPORTS: dict[str, str] = {
     "make_loader": "musar.data.batches",
     "to_pil": "musar.data.batches",
     "to_tensor": "musar.data.batches",
-    "CurriculumConfig": "musar.data.curriculum",
+    "CurriculumConfig": "musar.data.curriculum_config",
     "CurriculumStream": "musar.data.curriculum",
     "batch_kind": "musar.data.curriculum",
     "stage_for_step": "musar.data.curriculum",

@@ -2,26 +2,26 @@
 
 * :mod:`musar.lora.config` — :class:`BranchLoRAConfig` (ranks, scales, targets, mode);
 * :mod:`musar.lora.layer` — :class:`BranchLoRALinear`, the row plan and injection into a model;
-* :mod:`musar.lora.io` — safetensors save/load of MUSAR LoRA files.
+* :mod:`musar.lora.io` — safetensors save/load of MUSAR LoRA files;
+* :mod:`musar.lora.stacking` / :mod:`musar.lora.peft_rows` — standard peft LoRAs beside it.
+
+Names load lazily: the training config reads :class:`BranchLoRAConfig` without importing torch.
 """
 
-from musar.lora.config import DEFAULT_TARGETS, BranchLoRAConfig
-from musar.lora.layer import (
-    BranchLoRALinear,
-    RowPlan,
-    inject_branch_lora,
-    lora_named_parameters,
-    lora_parameters,
-    remove_branch_lora,
-)
+from __future__ import annotations
 
-__all__ = [
-    "DEFAULT_TARGETS",
-    "BranchLoRAConfig",
-    "BranchLoRALinear",
-    "RowPlan",
-    "inject_branch_lora",
-    "lora_named_parameters",
-    "lora_parameters",
-    "remove_branch_lora",
-]
+from musar.utils.lazy import lazy_exports
+
+_EXPORTS: dict[str, str] = {
+    "DEFAULT_TARGETS": "musar.lora.config",
+    "BranchLoRAConfig": "musar.lora.config",
+    "BranchLoRALinear": "musar.lora.layer",
+    "RowPlan": "musar.lora.layer",
+    "inject_branch_lora": "musar.lora.layer",
+    "lora_named_parameters": "musar.lora.layer",
+    "lora_parameters": "musar.lora.layer",
+    "remove_branch_lora": "musar.lora.layer",
+}
+
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports("musar.lora", _EXPORTS)

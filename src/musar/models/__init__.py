@@ -19,7 +19,7 @@ from musar.utils.lazy import lazy_exports
 _EXPORTS: dict[str, str] = {
     "TokenLayout": "musar.models.layout",
     "Kind": "musar.models.layout",
-    "RoutingOptions": "musar.models.routing",
+    "RoutingOptions": "musar.models.options",
     "routing_accuracy": "musar.models.routing",
     "box_candidates": "musar.models.boxes",
     "check_boxes": "musar.models.boxes",

@@ -42,8 +42,8 @@ from musar.errors import MusarError
 from musar.models.dispatch import KernelBackend, attention, check_backend, masked_attention
 from musar.models.fast import fast_routed_attention
 from musar.models.layout import TokenLayout
+from musar.models.options import RoutingOptions
 from musar.models.routing import (
-    RoutingOptions,
     SegmentMap,
     routed_mask,
     routes_from_affinity,

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from musar.models.layout import TokenLayout
-from musar.models.routing import RoutingOptions
+from musar.models.options import RoutingOptions
 
 
 @dataclass

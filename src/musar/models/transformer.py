@@ -33,7 +33,8 @@ from musar.models.attention import MusarAttnProcessor, RouteRecord, RoutingConte
 from musar.models.blocks import double_block_forward, single_block_forward
 from musar.models.cache import ConditionCache
 from musar.models.layout import TokenLayout
-from musar.models.routing import RoutingOptions, check_spans
+from musar.models.options import RoutingOptions
+from musar.models.routing import check_spans
 
 
 @dataclass

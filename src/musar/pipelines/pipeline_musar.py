@@ -22,7 +22,7 @@ from PIL import Image
 
 from musar.errors import MusarError
 from musar.models.boxes import box_candidates, check_boxes
-from musar.models.routing import RoutingOptions
+from musar.models.options import RoutingOptions
 from musar.models.transformer import ConditionInputs, MusarTransformer
 from musar.pipelines.conditions import encode_references
 from musar.pipelines.lora_loading import MusarLoraLoaderMixin

@@ -16,7 +16,7 @@ from __future__ import annotations
 from musar.utils.lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
-    "CurriculumConfig": "musar.data.curriculum",
+    "CurriculumConfig": "musar.data.curriculum_config",
     "DataConfig": "musar.train.config",
     "ModelConfig": "musar.train.config",
     "ObjectiveConfig": "musar.train.config",

@@ -22,11 +22,11 @@ from typing import Any, Literal
 
 import yaml
 
-from musar.data.curriculum import CurriculumConfig
+from musar.data.curriculum_config import CurriculumConfig
 from musar.data.defaults import DEFAULT_PADDING, DEFAULT_QUALITY_THRESHOLD, SUBJECTS200K_HUB_ID
 from musar.errors import MusarError
 from musar.lora.config import BranchLoRAConfig
-from musar.models.routing import RoutingOptions
+from musar.models.options import RoutingOptions
 from musar.utils.validation import GUIDANCE, HEIGHT, SEED, STEPS, TRAIN_SEED, WIDTH
 
 # SDPA kernels the training step may use on CUDA. DESIGN sec. 9: SDPA's default choice for these

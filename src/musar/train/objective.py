@@ -34,7 +34,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from musar.data import Batch
 from musar.errors import MusarError
-from musar.models.routing import RoutingOptions
+from musar.models.options import RoutingOptions
 from musar.models.transformer import ConditionInputs, condition_image_ids, latent_image_ids
 from musar.pipelines.spans import find_subject_spans, spans_tensor
 from musar.train.config import ObjectiveConfig
