@@ -1,4 +1,4 @@
-"""How fast ``musar --help`` and every ``musar X --help`` answer, over repeated runs.
+"""How fast ``musar --help``, every ``musar X --help`` and ``musar train --help-config`` answer, over repeated runs.
 
     python bench/cli_help.py [--repeats 10] [--json out.json]
 
@@ -36,10 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     baseline = median_wall([sys.executable, "-c", "pass"], args.repeats)
     rows = []
-    for cmd in COMMANDS:
-        argv_cmd = [sys.executable, "-m", "musar.cli", *([cmd] if cmd else []), "--help"]
-        s = median_wall(argv_cmd, args.repeats)
-        rows.append({"command": f"musar {cmd} --help".replace("  ", " "), "median_s": s, "vs_bare_python": s / baseline})
+    runs = [[*([cmd] if cmd else []), "--help"] for cmd in COMMANDS] + [["train", "--help-config"]]
+    for cli_args in runs:
+        s = median_wall([sys.executable, "-m", "musar.cli", *cli_args], args.repeats)
+        rows.append({"command": " ".join(["musar", *cli_args]), "median_s": s, "vs_bare_python": s / baseline})
     print(f"bare python: {baseline:.3f} s (median of {args.repeats})")
     for r in rows:
         flag = "ok" if r["median_s"] <= LIMIT_S else f"OVER {LIMIT_S} s"

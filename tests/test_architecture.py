@@ -88,14 +88,17 @@ def test_module_level_imports_have_no_cycle() -> None:
             visit(node)
 
 
-@pytest.mark.parametrize("command", ["", "generate", "train", "eval", "data", "bench", "ui", "toy"])
-def test_help_imports_no_model_stack(command: str) -> None:
+@pytest.mark.parametrize(
+    "argv", [[c, "--help"] if c else ["--help"] for c in ("", "generate", "train", "eval", "data", "bench", "ui", "toy")]
+    + [["train", "--help-config"]],
+)
+def test_help_imports_no_model_stack(argv: list[str]) -> None:
     """``musar [X] --help`` must not import torch, diffusers, transformers or gradio (timings are in
     bench/cli_help.py; this checks the cause of a slow --help, not a clock)."""
     code = (
         "import sys\n"
         "from musar.cli import main\n"
-        f"try:\n    main({[c for c in (command, '--help') if c]!r})\n"
+        f"try:\n    main({argv!r})\n"
         "except SystemExit:\n    pass\n"
         "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'gradio', 'datasets') if m in sys.modules]\n"
         "print('HEAVY', heavy, file=sys.stderr)\n"
