@@ -65,7 +65,7 @@ def vocabulary() -> list[str]:
     words = set(world.PALETTE) | set(world.SHAPES) | set(world.PATTERNS) | set(world.TEXTURES)
     for region in world.REGIONS:
         words |= set(world.where(region).split())
-    words |= {"a", "an", "with", "and", "on", "background", "empty", "scene", "another", ",", ".", ":"}
+    words |= {"a", "an", "with", "and", "on", "background", "empty", "scene", "another", "the", "same", ",", ".", ":"}
     template = DIPTYCH_TEMPLATE.format(phrase_a="x", desc_a="x", phrase_b="x", desc_b="x")
     words |= set(template.replace(",", " ").replace(".", " ").replace(":", " ").lower().split())
     return sorted(words)
