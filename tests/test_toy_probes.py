@@ -113,3 +113,28 @@ def test_tap_routes_equal_what_dynamic_routing_routes(pipe, monkeypatch) -> None
     ours = tap.all_routes()
     assert ours.shape == theirs.shape
     assert (ours == theirs).mean() > 0.99  # fused vs reference S*: float rounding may flip a near-tie
+
+
+def test_background_phrase_competes_for_pure_background_tokens(pipe) -> None:  # type: ignore[no-untyped-def]
+    from musar.toy.grounding import background_phrase
+
+    pool = scene_pool(30, seed=4, tokenizer=pipe.tokenizer_2, max_length=64, background=True)
+    assert pool.targets.valid.all()  # with the background every scene takes part, lone subjects too
+    tok = pipe.tokenizer_2
+    for i in range(30):
+        words = tok.convert_ids_to_tokens(tok(pool.prompts[i]).input_ids)
+        start, length = pool.targets.spans[i, -1].tolist()
+        assert words[start : start + length][-1] == "background"
+        labels = pool.targets.labels[i]
+        assert (labels == 2).sum() > 32  # most of the picture is pure background
+        subjects = int(pool.targets.span_valid[i].sum()) - 1
+        assert set(labels.unique().tolist()) <= {-1, 2, *range(subjects)}
+    assert background_phrase(make_cases(1)[0].scene).endswith(" background")
+
+
+def test_padding_slots_take_no_share_of_the_affinity() -> None:
+    labels = torch.tensor([[0, 1]])
+    spans = torch.zeros(1, 3, 2, dtype=torch.long)
+    aff = torch.tensor([[[0.4, 0.1, 0.5], [0.1, 0.4, 0.5]]])  # slot 2 would dominate if it counted
+    real = GroundingTargets(spans, labels, torch.tensor([True]), torch.tensor([[True, True, False]]))
+    assert float(grounding_loss([aff], real)) == pytest.approx(-math.log(0.8), rel=1e-5)

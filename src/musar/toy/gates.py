@@ -51,6 +51,7 @@ def base_gates(
         "grounding": probes.grounding(pipe, two_cases, seeds, brief=True),
         "grounding_full": probes.grounding(pipe, two_cases, seeds, brief=False),
     }
+    out["identity"] = probes.identity_prior(pipe, single_cases, seeds[:1])
     if pooled:
         out["pooled"] = probes.pooled_shortcut(pipe, single_cases, seeds[:1])
     return out
@@ -86,6 +87,10 @@ def summary_line(results: dict[str, Rates]) -> str:
             r = results[group]
             layers = " ".join(f"{r[k][0]:.2f}" for k in sorted(r) if k.startswith("L") and "_" not in k)
             parts.append(f"{group} diff {r['all_different'][0]:.2f} same {r['all_same'][0]:.2f} [{layers}]")
+    if "identity" in results:
+        r = results["identity"]
+        parts.append("identity-copied " + "/".join(f"{r.get(a + '_copied', (math.nan,))[0]:.2f}" for a in ("body_colour", "pattern", "pattern_colour"))
+                     + f" all {r.get('identity_copied', (math.nan,))[0]:.2f}")
     if "pooled" in results:
         r = results["pooled"]
         parts.append("pooled-follow " + "/".join(f"{r[a + '_pooled'][0]:.2f}" for a in ("shape", "body_colour", "background")))

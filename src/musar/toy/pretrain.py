@@ -13,8 +13,10 @@ the transformer and the text encoder train from random initialisation. On top of
   half of them showing *one* identity in both panels with the right one named 'the same
   <shape>' (the in-context identity prior FLUX has, :func:`musar.toy.pools.diptych_pool`).
 * **pooled path** (``pooled``): 'clip' trains the tiny CLIP whose pooled vector modulates every
-  token; 'off' zeroes and freezes the projection that reads it, so the caption reaches the image
-  only through attention, as FLUX's coarse pooled vector leaves it to do for detail.
+  token; 'frozen' keeps that CLIP at its random initialisation (a fixed, coarse global code of the
+  caption that the transformer may read but cannot shape into a per-attribute channel); 'off'
+  zeroes and freezes the projection that reads it, so the caption reaches the image only through
+  attention.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -66,9 +69,10 @@ class PretrainConfig:
     same_identity_prob: float = 0.5  # share of two-panel images showing one identity twice
     grounding_weight: float = 0.0  # weight of the grounding term (0: off)
     grounding_background: bool = False  # the background phrase competes too (every scene takes part)
-    pooled: Literal["clip", "off"] = "clip"
+    pooled: Literal["clip", "frozen", "off"] = "clip"
     text_mlm_steps: int = 0  # masked-word pretraining of the T5 on the pools' texts first (musar.toy.text)
     text_train: Literal["all", "layers", "none"] = "all"  # what of the T5 trains with the base
+    ema_decay: float = 0.0  # exponential moving average of the weights, saved and probed (0: off)
 
 
 def _encode_pool(pipe: MusarPipeline, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,11 +110,12 @@ def trainable_parameters(pipe: MusarPipeline, cfg: PretrainConfig) -> list[torch
     for m in modules:
         m.train().requires_grad_(True)
     freeze_text(pipe.text_encoder_2, cfg.text_train)
+    if cfg.pooled != "clip":
+        pipe.text_encoder.eval().requires_grad_(False)
     if cfg.pooled == "off":
         proj = pipe.transformer.time_text_embed.text_embedder.linear_1
         torch.nn.init.zeros_(proj.weight)
         proj.weight.requires_grad_(False)
-        pipe.text_encoder.eval().requires_grad_(False)
     return [p for m in modules for p in m.parameters() if p.requires_grad]
 
 
@@ -164,6 +169,7 @@ def _pretrain(
     pools: list[tuple[Pool, torch.Tensor, torch.Tensor]] = [(scenes, *_encode_pool(pipe, scenes.pixels))]
     if cfg.diptych_every and cfg.diptychs:
         pools.append((dip, *_encode_pool(pipe, dip.pixels)))
+    ema = _Ema(params, cfg.ema_decay) if cfg.ema_decay > 0 else None
     tap = AffinityTap(grad=True)
     if cfg.grounding_weight > 0:
         install_tap(pipe.transformer, tap)
@@ -200,6 +206,8 @@ def _pretrain(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
+        if ema is not None:
+            ema.update(step >= cfg.warmup)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             means = {k: sum(v) / len(v) for k, v in window.items() if v}
             history.append({"step": step + 1, **means})
@@ -208,9 +216,12 @@ def _pretrain(
             terms = " ".join(f"{k} {v:.4f}" for k, v in means.items())
             log(f"pretrain step {step + 1}/{cfg.steps} {terms} lr {sched.get_last_lr()[0]:.2e} ({rate:.2f} it/s)")
         if callback is not None and callback_every and ((step + 1) % callback_every == 0 or step + 1 == cfg.steps):
-            probes.append({"step": step + 1, **(_probe(pipe, callback, step + 1) or {})})
+            with _averaged(ema):
+                probes.append({"step": step + 1, **(_probe(pipe, callback, step + 1) or {})})
             if cfg.grounding_weight > 0:  # a probe may have swapped the attention processors
                 install_tap(pipe.transformer, tap)
+    if ema is not None:
+        ema.swap()  # the averaged weights are the ones saved
     for m in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2):
         m.eval().requires_grad_(False)
     for block in (*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks):
@@ -222,6 +233,38 @@ def _pretrain(
     (out / "pretrain.json").write_text(json.dumps(info, indent=2))
     log(f"pretrain: saved {base} after {info['wall_s']}s")
     return pipe, info
+
+
+class _Ema:
+    """An exponential moving average of ``params``; :meth:`swap` exchanges it with the live weights."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float) -> None:
+        self.params, self.decay = params, decay
+        self.shadow = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self, average: bool) -> None:
+        d = self.decay if average else 0.0  # during warmup the average just follows the weights
+        for s, p in zip(self.shadow, self.params, strict=True):
+            s.mul_(d).add_(p.detach(), alpha=1 - d)
+
+    @torch.no_grad()
+    def swap(self) -> None:
+        for s, p in zip(self.shadow, self.params, strict=True):
+            tmp = p.detach().clone()
+            p.copy_(s)
+            s.copy_(tmp)
+
+
+@contextmanager
+def _averaged(ema: _Ema | None) -> Iterator[None]:
+    if ema is not None:
+        ema.swap()
+    try:
+        yield
+    finally:
+        if ema is not None:
+            ema.swap()
 
 
 def _probe(
@@ -239,3 +282,21 @@ def _probe(
     finally:
         for m, mode in zip(modules, modes, strict=True):
             m.train(mode)
+
+
+def load_pretrain_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> PretrainConfig:
+    """A :class:`PretrainConfig` from YAML (``configs/toy_base.yaml``) plus ``key=value`` overrides,
+    every key checked as ``musar train`` checks its own."""
+    import yaml
+
+    from musar.errors import MusarError
+    from musar.train.config import apply_override, from_dict
+
+    data: dict[str, object] = {}
+    if path is not None:
+        if not Path(path).is_file():
+            raise MusarError(f"config file not found: {path}")
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return from_dict(PretrainConfig, data)

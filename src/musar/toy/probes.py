@@ -163,3 +163,41 @@ def customization(
             per_image = _per_image_accuracy(tap.all_routes(), labels, late_steps(STEPS))
             rates.update({f"routing_{k}": v for k, v in _split_rates(per_image, same).items()})
     return rates, verdicts, images
+
+
+def identity_prior(pipe: MusarPipeline, cases: Sequence[Case], seeds: Sequence[int]) -> Rates:
+    """The in-context identity prior: two-panel text-only generation where the left panel names a
+    held-out subject in full and the right panel only says 'the same <shape>'.
+
+    Keys per attribute: '<attr>_left' (the left panel follows its words) and '<attr>_copied' (the
+    right panel shows what the left panel *drew*, among right panels with an object); also
+    'identity_copied' (all four attributes) and 'brief_<attr>' from the right panel vs the truth.
+    """
+    from musar.data.samples import diptych_prompt
+    from musar.toy import world
+    from musar.toy.pools import SAME
+
+    flat, flat_seeds = _expand(cases, seeds)
+    prompts = []
+    for c in flat:
+        ident = c.identities[0]
+        left, right = c.scene, c.references[0]
+        phrase_b = f"{SAME} {ident.shape}"
+        desc_b = world.caption(right, True).replace(f"a {ident.shape}", phrase_b, 1)
+        prompts.append(diptych_prompt(world.subject_phrase(ident), world.caption(left), phrase_b, desc_b))
+    images = sample_text_only(pipe, prompts, flat_seeds, width=128)
+    hits: dict[str, list[bool]] = {}
+    for im, c in zip(images, flat, strict=True):
+        left_img, right_img = im.crop((0, 0, 64, 64)), im.crop((64, 0, 128, 64))
+        vl = evaluate(left_img, c.identities, c.scene)
+        vr = evaluate(right_img, c.identities, c.references[0])
+        drawn = vl.subjects[0].detected
+        other = vr.subjects[0].detected
+        for k, attr in enumerate(ATTRIBUTES):
+            hits.setdefault(f"{attr}_left", []).append(vl.subjects[0].matches[k])
+            hits.setdefault(f"brief_{attr}", []).append(vr.subjects[0].matches[k])
+            if drawn is not None and other is not None:
+                hits.setdefault(f"{attr}_copied", []).append(drawn.attributes()[attr] == other.attributes()[attr])
+        if drawn is not None and other is not None:
+            hits.setdefault("identity_copied", []).append(drawn.attributes() == other.attributes())
+    return {k: mean_se(v) for k, v in hits.items()}
