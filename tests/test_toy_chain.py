@@ -76,42 +76,57 @@ def test_toy_folder_saves_and_loads(tmp_path: Path) -> None:
 def test_diptych_pool_follows_the_template_and_another_rule() -> None:
     from musar.data.samples import DIPTYCH_TEMPLATE
     from musar.pipelines.spans import find_phrase_chars
-    from musar.toy.pretrain import PretrainConfig, render_diptychs
+    from musar.toy.pools import diptych_pool
 
-    pixels, prompts = render_diptychs(40, PretrainConfig(brief_prob=1.0))
-    assert pixels.shape == (40, 3, 64, 128) and len(prompts) == 40
+    tok = build_toy_pipeline().tokenizer_2
+    pool = diptych_pool(40, seed=0, tokenizer=tok, max_length=64, brief_prob=1.0, same_identity_prob=0.0)
+    assert pool.pixels.shape == (40, 3, 64, 128) and len(pool.prompts) == 40
     head = DIPTYCH_TEMPLATE.split("{")[0]
-    assert all(p.startswith(head) for p in prompts)
-    repeats = [p for p in prompts if "another" in p]
+    assert all(p.startswith(head) for p in pool.prompts)
+    repeats = [p for p in pool.prompts if "another" in p]
     assert repeats  # same-shape halves occur, and are marked the way make_diptych marks them
     for prompt in repeats:
         left = prompt[len(head):].split(".")[0]
         assert find_phrase_chars(prompt, [left, f"another {left}"])
 
 
+def test_pretrain_config_loads_the_shipped_recipe_and_refuses_typos() -> None:
+    import pytest
+
+    from musar.errors import MusarError
+    from musar.toy.pretrain import PretrainConfig, load_pretrain_config
+
+    cfg = load_pretrain_config("configs/toy_base.yaml", ["steps=7", "codec.steps=3"])
+    assert isinstance(cfg, PretrainConfig) and cfg.steps == 7 and cfg.codec.steps == 3
+    with pytest.raises(MusarError, match="stepz"):
+        load_pretrain_config(None, ["stepz=1"])
+
+
 def test_shortened_end_to_end(tmp_path: Path) -> None:
+    from musar.toy.chain import run_chain
     from musar.toy.pretrain import PretrainConfig, pretrain
-    from musar.toy.report import run_report
-    from musar.toy.variants import train_variant
-    from musar.toy.world import write_pairs_parquet
 
     out = tmp_path / "toy"
-    codec = CodecTrainConfig(steps=2, batch_size=2, log_every=1)
-    cfg = PretrainConfig(steps=4, batch_size=2, scenes=16, diptychs=8, log_every=1, codec=codec)
-    first, _ = pretrain(cfg, out, log=lambda _: None)
-    again, info = pretrain(replace(cfg, codec_from=str(out / "base")), tmp_path / "again", log=lambda _: None)
-    assert info["codec"] == {"reused": str(out / "base")}
-    assert all(torch.equal(a, b) for a, b in zip(first.vae.state_dict().values(), again.vae.state_dict().values(), strict=True))
-    assert again.vae.config.scaling_factor == first.vae.config.scaling_factor
-    write_pairs_parquet(16, out / "pairs.parquet", seed=1, size=64)
-    short = ("curriculum.stage1_steps=1", "curriculum.stage2_steps=1", "curriculum.stage3_steps=1",
+    tiny = ["steps=4", "batch_size=2", "scenes=16", "diptychs=8", "log_every=1", "codec.steps=2", "codec.batch_size=2",
+            "codec.log_every=1", "text_mlm_steps=3", "grounding_weight=0.2", "ema_decay=0.9", "warmup=1"]
+    short = ("curriculum.stage1_steps=2", "curriculum.stage2_steps=1", "curriculum.stage3_steps=1",
              "optim.batch_size=2", "optim.warmup_steps=1", "log_every=1")
-    for name in ("full", "no_debias"):
-        assert train_variant(name, out, extra=short, log=lambda _: None).is_file()
-    results = run_report(out, ["full", "no_debias"], cases=2, seeds=(0,), log=lambda _: None)
-    assert set(results) == {"codec", "base", "full", "no_debias"}
+    walls = run_chain(out, "configs/toy_base.yaml", "configs/toy_musar.yaml", threads=1, base_overrides=tuple(tiny),
+                      train_overrides=short, report_args={"cases": 2, "seeds": (0,), "gate_cases": (2, 2)})
+    assert {"pretrain", "data", "train:full", "train:no_debias", "report"} <= set(walls)
+    info = json.loads((out / "pretrain.json").read_text())
+    assert info["text"]["wall_s"] >= 0 and info["loss_history"][-1]["grounding"] >= 0
+    again, info2 = pretrain(replace(PretrainConfig(steps=1, batch_size=2, scenes=8, diptychs=4, log_every=1),
+                                    codec_from=str(out / "base")), tmp_path / "again", log=lambda _: None)
+    assert info2["codec"] == {"reused": str(out / "base")}
+    first = load_toy_pipeline(out / "base")
+    assert all(torch.equal(a, b) for a, b in zip(first.vae.state_dict().values(), again.vae.state_dict().values(), strict=True))
     table = (out / "report" / "report.md").read_text()
-    assert "`full`" in table and "`no_debias`" in table and (out / "report" / "grid.png").is_file()
+    assert "MUSAR (full)" in table and "routes given from the true layout" in table and "| 0: `single.shape`" in table
     saved = json.loads((out / "report" / "report.json").read_text())
-    assert saved["full"]["scores"]["all"]["images"] == 2.0
-    assert json.loads((out / "musar" / "full" / "wall.json").read_text())["steps"] == 3
+    assert saved["full"]["rates"]["routing_all"][0] >= 0 and saved["single_stage1"]["subjects"] == 1
+    assert saved["three"]["subjects"] == 3 and "skipped" in saved["given_routes"]
+    assert json.loads((out / "musar" / "full" / "wall.json").read_text())["steps"] == 4
+    # A second call finds every stage done and redoes none of them.
+    assert run_chain(out, "configs/toy_base.yaml", "configs/toy_musar.yaml") == walls
+    assert "done before, skipped" in (out / "chain.log").read_text()

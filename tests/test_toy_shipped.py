@@ -37,7 +37,7 @@ def test_demo_generates_an_image_the_analyser_reads(tmp_path: Path) -> None:
     assert image.size == (64, 64)
     analysis = analyse(image)
     assert analysis.background in BACKGROUNDS
-    assert "analyser verdict" in text and (tmp_path / "routing_grid.png").is_file()
+    assert "\nverdict: " in text and (tmp_path / "routing_grid.png").is_file()
     assert (tmp_path / "route_overlay.png").is_file()
 
 

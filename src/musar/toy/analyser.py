@@ -374,7 +374,7 @@ class Verdict:
         lines = [ground]
         for s in self.subjects:
             o = s.detected
-            seen = "nothing" if o is None else f"a {_phrase(o)} {where(o.region)}"
+            seen = "nothing" if o is None else f"a {object_phrase(o)} {where(o.region)}"
             leak = f"; leaked from the other subject: {', '.join(s.leaks)}" if s.leaks else ""
             lines.append(
                 f"{subject_phrase(s.reference, article=True)}: saw {seen}; fidelity {s.fidelity:.2f}{leak}"
@@ -382,7 +382,8 @@ class Verdict:
         return "\n".join(lines)
 
 
-def _phrase(o: DetectedObject) -> str:
+def object_phrase(o: DetectedObject) -> str:
+    """'red diamond with blue dots': how a caption would name what was detected."""
     pattern = "" if o.pattern == "plain" else f" with {o.pattern_colour} {o.pattern}"
     return f"{o.body_colour} {o.shape}{pattern}"
 

@@ -31,19 +31,33 @@ GEN_DEFAULTS = {"num_inference_steps": 16, "condition_size": 64, "phrase_tokens"
 @dataclass(frozen=True)
 class Case:
     index: int
-    identities: tuple[Identity, Identity]
+    identities: tuple[Identity, ...]
     scene: Scene  # the prompted target scene
-    references: tuple[Scene, Scene]  # one single-subject scene per identity
-    same_category: bool
+    references: tuple[Scene, ...]  # one single-subject scene per identity
+    same_category: bool  # some shape occurs twice
 
     @property
     def prompt(self) -> str:
         return world.caption(self.scene, brief=True)
 
     @property
-    def phrases(self) -> tuple[str, str]:
-        a, b = (world.subject_phrase(i, brief=True) for i in self.identities)
-        return a, f"another {b}" if self.same_category else b
+    def full_prompt(self) -> str:
+        """The caption naming every subject in full (gate 0: what the base must draw from words)."""
+        return world.caption(self.scene, brief=False)
+
+    @property
+    def phrases(self) -> tuple[str, ...]:
+        """The brief phrases as the caption writes them: a repeated shape is 'another <shape>'."""
+        seen: set[str] = set()
+        out = []
+        for ident in self.identities:
+            out.append(f"another {ident.shape}" if ident.shape in seen else ident.shape)
+            seen.add(ident.shape)
+        return tuple(out)
+
+    @property
+    def full_phrases(self) -> tuple[str, ...]:
+        return tuple(world.subject_phrase(i) for i in self.identities)
 
     def reference_images(self) -> list[Image.Image]:
         return [world.render_scene(s) for s in self.references]
@@ -54,36 +68,57 @@ def _compatible(a: Identity, b: Identity) -> bool:
     return a != b and bool(free)
 
 
-def make_cases(n: int, seed: int = 1234, size: int = IMAGE_SIZE) -> list[Case]:
-    """``n`` deterministic held-out cases; even indices pair one shape, odd ones two shapes."""
+def make_cases(n: int, seed: int = 1234, size: int = IMAGE_SIZE, subjects: int = 2) -> list[Case]:
+    """``n`` deterministic held-out cases of ``subjects`` (1-3) test-split identities.
+
+    Two subjects: even indices pair one shape, odd ones two shapes. Three: even indices repeat a
+    shape (the first two share it). One: a single subject and its reference.
+    """
     cases: list[Case] = []
     for i in range(n):
-        rng = np.random.default_rng(np.random.SeedSequence([seed, i]))
-        same = i % 2 == 0
-        while True:
-            a = world.sample_identity(rng, "test")
-            b = world.sample_identity(rng, "test")
-            if _compatible(a, b) and (a.shape == b.shape) == same:
-                break
-        scene = world.sample_scene(rng, [a, b], size)
-        refs = tuple(world.sample_scene(rng, [x], size) for x in (a, b))
-        cases.append(Case(i, (a, b), scene, refs, same))  # type: ignore[arg-type]
+        if subjects == 2:
+            rng = np.random.default_rng(np.random.SeedSequence([seed, i]))
+        else:  # other counts draw from their own streams, so the two-subject cases never change
+            rng = np.random.default_rng(np.random.SeedSequence([seed, i, subjects]))
+        same = i % 2 == 0 and subjects >= 2
+        idents = _draw(rng, subjects, same)
+        scene = world.sample_scene(rng, idents, size)
+        refs = tuple(world.sample_scene(rng, [x], size) for x in idents)
+        cases.append(Case(i, tuple(idents), scene, refs, same))
     return cases
+
+
+def _draw(rng: np.random.Generator, count: int, same: bool) -> list[Identity]:
+    if count == 1:
+        return [world.sample_identity(rng, "test")]
+    while True:
+        a = world.sample_identity(rng, "test")
+        b = world.sample_identity(rng, "test")
+        if _compatible(a, b) and (a.shape == b.shape) == same:
+            break
+    idents = [a, b]
+    while len(idents) < count:
+        c = world.sample_identity(rng, "test")
+        used = set().union(*(x.colours for x in idents), c.colours)
+        if c not in idents and c.shape not in {x.shape for x in idents} and set(world.BACKGROUNDS) - used:
+            idents.append(c)
+    return idents
 
 
 def generate_case(
     pipe: MusarPipeline, case: Case, seeds: tuple[int, ...], static_routing: bool = True, dynamic_routing: bool = True,
     return_routing: bool = False, references: list[Image.Image] | None = None,
+    boxes: list[tuple[float, float, float, float]] | None = None,
 ) -> tuple[list[Image.Image], object]:
     """One image per seed for ``case`` with MUSAR conditioning (references + phrases); the
-    references default to the case's own renders."""
+    references default to the case's own renders. ``boxes``: layout control, one per subject."""
     images, routing = [], None
     refs = references if references is not None else case.reference_images()
     for s in seeds:
         out = pipe(
             case.prompt, list(zip(refs, case.phrases, strict=True)), height=IMAGE_SIZE,
             width=IMAGE_SIZE, generator=torch.Generator().manual_seed(s), static_routing=static_routing,
-            dynamic_routing=dynamic_routing, attention="fast", return_routing=return_routing, progress=False,
+            dynamic_routing=dynamic_routing, attention="fast", return_routing=return_routing, progress=False, boxes=boxes,
             **GEN_DEFAULTS,  # type: ignore[arg-type]
         )
         images.extend(out.images)
@@ -91,25 +126,25 @@ def generate_case(
     return images, routing
 
 
-@torch.no_grad()
 def generate_text_only(pipe: MusarPipeline, prompt: str, seed: int) -> Image.Image:
-    """The base model from the prompt alone (no references, no LoRA use): the Euler sampler of
-    MusarPipeline without conditions, for the 'base' row of the report."""
-    from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+    """The base model from the prompt alone (no references, no LoRA use), for the 'base' row."""
+    from musar.toy.sampling import sample_text_only
 
-    steps, length = GEN_DEFAULTS["num_inference_steps"], GEN_DEFAULTS["max_sequence_length"]
-    embeds, pooled, text_ids = pipe.encode_prompt(prompt=prompt, prompt_2=None, device="cpu", max_sequence_length=length)
-    latents, ids = pipe.prepare_latents(1, pipe.transformer.config.in_channels // 4, IMAGE_SIZE, IMAGE_SIZE,
-                                        embeds.dtype, "cpu", torch.Generator().manual_seed(seed))
-    sched = pipe.scheduler.config
-    mu = calculate_shift(latents.shape[1], sched.get("base_image_seq_len", 256), sched.get("max_image_seq_len", 4096),
-                         sched.get("base_shift", 0.5), sched.get("max_shift", 1.15))
-    timesteps, _ = retrieve_timesteps(pipe.scheduler, steps, "cpu", sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
-    pipe.scheduler.set_begin_index(0)
-    for t in timesteps:
-        v = pipe.transformer(hidden_states=latents, encoder_hidden_states=embeds, pooled_projections=pooled,
-                             timestep=(t / 1000).expand(1), img_ids=ids, txt_ids=text_ids).sample
-        latents = pipe.scheduler.step(v, t, latents, return_dict=False)[0]
-    unpacked = pipe._unpack_latents(latents, IMAGE_SIZE, IMAGE_SIZE, pipe.vae_scale_factor)
-    unpacked = unpacked / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-    return pipe.image_processor.postprocess(pipe.vae.decode(unpacked, return_dict=False)[0], output_type="pil")[0]
+    return sample_text_only(pipe, [prompt], [seed])[0]
+
+
+def layout_boxes(case: Case, token_px: int = 8) -> list[tuple[float, float, float, float]]:
+    """Each subject's true place in the prompted scene as a box (fractions of the image): the
+    token cells its shape covers, so boxes given from these route every subject token right."""
+    from musar.toy.metrics import scene_token_labels
+
+    labels = scene_token_labels(case.scene, token_px)
+    side = round(len(labels) ** 0.5)
+    grid = labels.reshape(side, side)
+    boxes = []
+    for k in range(len(case.identities)):
+        rows, cols = np.nonzero(grid == k)
+        if len(rows) == 0:
+            raise ValueError(f"subject {k} of the case covers no whole token")
+        boxes.append((cols.min() / side, rows.min() / side, (cols.max() + 1) / side, (rows.max() + 1) / side))
+    return boxes

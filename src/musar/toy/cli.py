@@ -1,6 +1,6 @@
 """``musar toy``: the toy world's whole chain, stage by stage or in one command (issue 8).
 
-    musar toy all --out runs/toy            # pretrain -> data -> 4 MUSAR variants -> report
+    musar toy all --out runs/toy            # pretrain -> data -> 4 MUSAR variants -> gates + report
     musar toy pretrain --out runs/toy       # base model -> runs/toy/base
     musar toy data --out runs/toy           # Subjects200K-schema pairs -> runs/toy/pairs.parquet
     musar toy train --out runs/toy --variant full   # one variant (musar train + overrides)
@@ -15,29 +15,31 @@ toy codec through the ``musar.components`` entry point (:mod:`musar.pipelines.re
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 DEFAULT_OUT = "runs/toy"
 
 
+BASE_CONFIG = "configs/toy_base.yaml"
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"working folder (default {DEFAULT_OUT})")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for training (default: the configs' 2)")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("toy", help="the toy world: pretrain, MUSAR-train, ablate, report, demo (CPU minutes)",
                        description="MUSAR in miniature on a procedural world measured exactly. See docs/toy.md.")
     s = p.add_subparsers(dest="toy_command", required=True)
+    from musar.toy.rows import ROWS
     from musar.toy.variants import DEFAULT_CONFIG, VARIANTS
 
     a = s.add_parser("pretrain", help="train the tiny FLUX base text-to-image on world scenes")
     _add_common(a)
-    a.add_argument("--steps", type=int, default=None, help="flow-model optimizer steps (default 3000)")
-    a.add_argument("--codec-steps", type=int, default=None, help="codec optimizer steps (default 3000)")
-    a.add_argument("--scenes", type=int, default=None, help="rendered scene pool (default 12000)")
-    a.add_argument("--codec-from", default=None, metavar="DIR",
-                   help="reuse the codec of this trained toy base folder instead of training one")
+    a.add_argument("--config", default=BASE_CONFIG, help=f"pretraining recipe (default {BASE_CONFIG})")
+    a.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. steps=500 or codec.steps=100")
     d = s.add_parser("data", help="write the Subjects200K-schema toy pairs (training identities)")
     _add_common(d)
     d.add_argument("--pairs", type=int, default=3000)
@@ -47,17 +49,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--config", default=DEFAULT_CONFIG)
     t.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
     t.add_argument("--force", action="store_true", help="retrain even if the variant's LoRA exists")
-    r = s.add_parser("report", help="generate held-out cases with every variant, analyse, write the table")
+    r = s.add_parser("report", help="gates and the Fig. 8 table on held-out cases")
     _add_common(r)
     r.add_argument("--cases", type=int, default=24)
     r.add_argument("--seeds", type=int, default=2)
-    r.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    r.add_argument("--no-base", action="store_true", help="skip the prompt-only base row")
+    r.add_argument("--rows", nargs="+", default=None, choices=[x.name for x in ROWS])
+    r.add_argument("--no-base-gates", action="store_true", help="skip the base's gate 0/1 probes")
     sh = s.add_parser("ship", help="copy the trained base and full LoRA into src/musar/assets/toy")
     _add_common(sh)
     al = s.add_parser("all", help="pretrain, data, all variants, report (skips finished stages)")
     _add_common(al)
     al.add_argument("--config", default=DEFAULT_CONFIG)
+    al.add_argument("--base-config", default=BASE_CONFIG)
     de = s.add_parser("demo", help="compose two toy references with the shipped weights; print the verdict")
     de.add_argument("--out", default="outputs/toy_demo", metavar="DIR")
     de.add_argument("--seed", type=int, default=0)
@@ -65,20 +68,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _pretrain(
-    out: Path, steps: int | None = None, scenes: int | None = None, codec_steps: int | None = None,
-    codec_from: str | None = None,
-) -> None:
-    from dataclasses import replace
+def _pretrain(out: Path, config: str | None, overrides: list[str], threads: int | None) -> None:
+    from musar.toy.pretrain import load_pretrain_config, pretrain
 
-    from musar.toy.pretrain import PretrainConfig, pretrain
-
-    cfg = PretrainConfig()
-    given = {"steps": steps, "scenes": scenes, "codec_from": codec_from}
-    cfg = replace(cfg, **{k: v for k, v in given.items() if v is not None})
-    if codec_steps is not None:
-        cfg = replace(cfg, codec=replace(cfg.codec, steps=codec_steps))
-    pretrain(cfg, out)
+    extra = [f"threads={threads}"] if threads else []
+    pretrain(load_pretrain_config(config, [*overrides, *extra]), out)
 
 
 def _data(out: Path, pairs: int) -> Path:
@@ -87,6 +81,10 @@ def _data(out: Path, pairs: int) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     # Brief naming: the subject's look must come from the other view (see musar.toy.cases).
     return write_pairs_parquet(pairs, out / "pairs.parquet", seed=1, size=64, brief=True)
+
+
+def _train_extra(overrides: list[str], threads: int | None) -> tuple[str, ...]:
+    return (*overrides, *([f"model.cpu_threads={threads}"] if threads else []))
 
 
 def ship(out: Path) -> Path:
@@ -132,31 +130,23 @@ def run(args: argparse.Namespace) -> int:
         return 0
     out = Path(args.out)
     if cmd == "pretrain":
-        _pretrain(out, args.steps, args.scenes, args.codec_steps, args.codec_from)
+        _pretrain(out, args.config, args.overrides, args.threads)
     elif cmd == "data":
         print(f"wrote {_data(out, args.pairs)}")
     elif cmd == "train":
         from musar.toy.variants import train_variant
 
-        print(f"LoRA: {train_variant(args.variant, out, args.config, tuple(args.overrides), args.force)}")
+        extra = _train_extra(args.overrides, args.threads)
+        print(f"LoRA: {train_variant(args.variant, out, args.config, extra, args.force)}")
     elif cmd == "report":
         from musar.toy.report import run_report
 
-        run_report(out, args.variants, args.cases, tuple(range(args.seeds)), include_base=not args.no_base)
+        run_report(out, args.rows, args.cases, tuple(range(args.seeds)), base_gates=not args.no_base_gates)
     elif cmd == "ship":
         print(f"shipped to {ship(out)}")
     elif cmd == "all":
-        from musar.toy.report import run_report
-        from musar.toy.variants import VARIANTS, train_variant
+        from musar.toy.chain import run_chain
 
-        t0 = time.perf_counter()
-        if not (out / "base" / "model_index.json").is_file():
-            _pretrain(out)
-        if not (out / "pairs.parquet").is_file():
-            _data(out, 3000)
-        for name in VARIANTS:
-            train_variant(name, out, args.config)
-        run_report(out)
-        print(f"musar toy all: done in {time.perf_counter() - t0:.0f}s; table in {out / 'report' / 'report.md'}")
+        run_chain(out, args.base_config, args.config, args.threads)
     return 0
 

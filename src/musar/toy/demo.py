@@ -11,8 +11,11 @@ import json
 import time
 from pathlib import Path
 
-from musar.toy.analyser import evaluate
+from musar.toy.analyser import Verdict, evaluate, object_phrase
 from musar.toy.cases import Case, generate_case, make_cases
+from musar.toy.metrics import late_steps, routing_accuracy, scene_token_labels
+from musar.toy.sampling import AffinityTap, tapped
+from musar.toy.world import subject_phrase, where
 from musar.utils.io import atomic_write_json
 
 EXAMPLES = Path("examples/toy")
@@ -35,8 +38,26 @@ def write_examples(folder: str | Path = EXAMPLES) -> Path:
     return folder
 
 
+def verdict_text(verdict: Verdict, phrases: tuple[str, ...], routing: float) -> str:
+    """A few lines a person reads at a glance: what each reference became, leaks, routing."""
+    lines = []
+    for phrase, sub in zip(phrases, verdict.subjects, strict=True):
+        ref = subject_phrase(sub.reference, article=True)
+        o = sub.detected
+        seen = "nothing" if o is None else f"a {object_phrase(o)} {where(o.region)}"
+        lines.append(f"  {phrase!r} <- {ref}: drew {seen} ({sum(sub.matches)}/4 attributes)")
+    ground = "as prompted" if verdict.background_ok else "NOT as prompted"
+    lines.append(f"  background {verdict.analysis.background} ({ground}); routing accuracy {routing:.2f}")
+    ok = verdict.all_present and verdict.leaks == 0
+    problems = ([] if verdict.all_present else ["a subject is missing or wrong"]) + (
+        [f"{verdict.leaks} attribute(s) leaked between subjects"] if verdict.leaks else [])
+    lines.append("verdict: " + ("both subjects present, nothing leaked" if ok else "; ".join(problems)))
+    return "\n".join(lines)
+
+
 def run_demo(out: str | Path, seed: int = 0, examples: str | Path = EXAMPLES) -> str:
     """Generate the demo composition; returns the verdict text (also written to verdict.txt)."""
+    import numpy as np
     from PIL import Image
 
     from musar.pipelines.presets import load_pipeline
@@ -51,7 +72,10 @@ def run_demo(out: str | Path, seed: int = 0, examples: str | Path = EXAMPLES) ->
     if (ex / "ref_a.png").is_file() and (ex / "ref_b.png").is_file():
         refs = [Image.open(ex / "ref_a.png").convert("RGB"), Image.open(ex / "ref_b.png").convert("RGB")]
     pipe = load_pipeline(preset="toy", device="cpu")
-    images, result = generate_case(pipe, case, (seed,), return_routing=True, references=refs)
+    tap = AffinityTap()
+    with tapped(pipe.transformer, tap):
+        images, result = generate_case(pipe, case, (seed,), return_routing=True, references=refs)
+        tap.flush()
     image = images[0]
     image.save(out / "composition.png")
     image.resize((256, 256), Image.NEAREST).save(out / "composition_x4.png")
@@ -62,11 +86,14 @@ def run_demo(out: str | Path, seed: int = 0, examples: str | Path = EXAMPLES) ->
         save_routing_grid(rec, result.grid, list(case.phrases), out / "routing_grid.png")  # type: ignore[attr-defined]
         route_overlay(image.resize((256, 256), Image.NEAREST), rec.routes(rec.steps[-1])[0],
                       result.grid).save(out / "route_overlay.png")  # type: ignore[attr-defined]
+    routes = tap.all_routes()  # (steps, layers, 1, n)
+    steps = routes.shape[0]
+    accuracy = routing_accuracy(routes[late_steps(steps)], np.asarray(scene_token_labels(case.scene)))
     verdict = evaluate(image, case.identities, case.scene)
-    text = (f"prompt: {case.prompt}\nsubjects: {case.phrases[0]!r}, {case.phrases[1]!r}\n"
-            f"analyser verdict:\n{verdict.describe()}\n"
-            f"both present: {verdict.all_present}; leaked attributes: {verdict.leaks}\n")
-    (out / "verdict.txt").write_text(text)
+    text = f"prompt: {case.prompt}\n" + verdict_text(verdict, case.phrases, accuracy) + "\n"
+    (out / "verdict.txt").write_text(text + "\nanalyser, in full:\n" + verdict.describe() + "\n")
     (out / "demo.json").write_text(json.dumps({"prompt": case.prompt, "phrases": list(case.phrases), "seed": seed,
+                                               "both_present": verdict.all_present, "leaks": verdict.leaks,
+                                               "routing_accuracy": accuracy, "steps": steps,
                                                "wall_s": round(time.perf_counter() - t0, 2)}, indent=2))
     return text + f"wrote {out}/ (composition.png, routing_grid.png, route_overlay.png, verdict.txt) in {time.perf_counter() - t0:.1f}s"

@@ -14,6 +14,8 @@ classifier-free guidance, so generation is plain conditional sampling.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,7 +68,7 @@ def vocabulary() -> list[str]:
     words = set(world.PALETTE) | set(world.SHAPES) | set(world.PATTERNS) | set(world.TEXTURES)
     for region in world.REGIONS:
         words |= set(world.where(region).split())
-    words |= {"a", "an", "with", "and", "on", "background", "empty", "scene", "another", ",", ".", ":"}
+    words |= {"a", "an", "with", "and", "on", "background", "empty", "scene", "another", "the", "same", ",", ".", ":"}
     template = DIPTYCH_TEMPLATE.format(phrase_a="x", desc_a="x", phrase_b="x", desc_b="x")
     words |= set(template.replace(",", " ").replace(".", " ").replace(":", " ").lower().split())
     return sorted(words)
@@ -136,6 +138,25 @@ def zero_init_modulation(transformer: MusarTransformer) -> None:
         torch.nn.init.zeros_(layer.bias)
 
 
+@contextmanager
+def _no_load_bars() -> Iterator[None]:
+    """diffusers' and transformers' loading bars, off while a toy folder loads: it takes
+    milliseconds, and the bars would bury the demo's verdict. Restored afterwards."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    was = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was[0]:
+            dlog.enable_progress_bar()
+        if was[1]:
+            tlog.enable_progress_bar()
+
+
 def load_toy_pipeline(
     base: str | os.PathLike[str] | None = None, lora: str | os.PathLike[str] | None = None, use_shipped_lora: bool = True
 ) -> MusarPipeline:
@@ -152,7 +173,8 @@ def load_toy_pipeline(
             f"no toy base model at {folder}; build one with `musar toy pretrain --out runs/toy` "
             "(the shipped weights come with the package)"
         )
-    pipe = MusarPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    with _no_load_bars():
+        pipe = MusarPipeline.from_pretrained(folder, dtype=torch.float32)
     if lora is None and use_shipped_lora and base is None and SHIPPED_LORA.is_file():
         lora = SHIPPED_LORA
     if lora is not None:

@@ -1,14 +1,22 @@
-"""Text-to-image pretraining of the toy base on world scenes (issue 8, item 2).
+"""Text-to-image pretraining of the toy base on world scenes (issue 8 item 2, issue 14).
 
-Two phases on one rendered pool of scenes: first the codec (:func:`musar.toy.codec.train_codec`,
-a few CPU minutes), then the flow model in the frozen codec's latent space. Rectified flow exactly as ``musar train`` uses it (the objective functions of
-:mod:`musar.train.objective`: logit-normal timesteps with FLUX's resolution shift, ``x_t = (1-t)
-x_0 + t eps``, velocity target, MSE), but here *every* weight trains: the transformer and both
-text encoders, from random initialisation. The data are captioned scenes of one or two subjects
-(a share of two-subject scenes repeat a shape), training identities only, so held-out test
-identities stay unseen by the base as well as by MUSAR.
+Two phases on rendered pools (:mod:`musar.toy.pools`): first the codec
+(:func:`musar.toy.codec.train_codec`), then the flow model in the frozen codec's latent space,
+with exactly the objective ``musar train`` uses (:mod:`musar.train.objective`: logit-normal
+timesteps with FLUX's resolution shift, ``x_t = (1-t) x_0 + t eps``, velocity target, MSE). Here
+the transformer and the text encoder train from random initialisation. On top of the flow loss:
 
-The scene pool is rendered once up front (rendering is ~0.3 ms a scene; the step is the cost).
+* **grounding** (``grounding_weight``, :mod:`musar.toy.grounding`): on two-subject samples, noise
+  tokens must attend to their own subject's phrase. The toy's stand-in for what FLUX learns
+  from scale; base pretraining only.
+* **two-panel batches** (``diptych_every``): 128x64 images with the paper's template prompt,
+  half of them showing *one* identity in both panels with the right one named 'the same
+  <shape>' (the in-context identity prior FLUX has, :func:`musar.toy.pools.diptych_pool`).
+* **pooled path** (``pooled``): 'clip' trains the tiny CLIP whose pooled vector modulates every
+  token; 'frozen' keeps that CLIP at its random initialisation (a fixed, coarse global code of the
+  caption that the transformer may read but cannot shape into a per-attribute channel); 'off'
+  zeroes and freezes the projection that reads it, so the caption reaches the image only through
+  attention.
 """
 
 from __future__ import annotations
@@ -16,19 +24,23 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
-import numpy as np
 import torch
 
-from musar.data.samples import another_phrase, diptych_prompt
+from musar.models.attention import MusarAttnProcessor
 from musar.models.transformer import latent_image_ids
 from musar.pipelines.pipeline_musar import MusarPipeline
-from musar.toy import world
 from musar.toy.codec import CodecTrainConfig, ToyCodec, train_codec
+from musar.toy.grounding import grounding_loss
 from musar.toy.model import build_toy_pipeline, parameter_counts
+from musar.toy.pools import Pool, diptych_pool, scene_pool
+from musar.toy.sampling import AffinityTap, install_tap
+from musar.toy.text import freeze_text, mlm_pretrain
 from musar.train.config import ObjectiveConfig
 from musar.train.objective import flow_loss, interpolate, sample_timesteps, velocity_target
 
@@ -52,63 +64,22 @@ class PretrainConfig:
     long_text_every: int = 5  # every k-th step pads to long_text_length, as MUSAR's diptych prompts are
     long_text_length: int = 64
     brief_prob: float = 0.5  # share of subjects a caption names by category only ("a star")
-    diptychs: int = 3000  # size of the rendered diptych pool
-    diptych_every: int = 4  # every k-th step is a batch of 128x64 diptychs (0: never)
+    diptychs: int = 3000  # size of the rendered two-panel pool
+    diptych_every: int = 4  # every k-th step is a batch of 128x64 two-panel images (0: never)
+    same_identity_prob: float = 0.5  # share of two-panel images showing one identity twice
+    grounding_weight: float = 0.0  # weight of the grounding term (0: off)
+    grounding_background: bool = False  # the background phrase competes too (every scene takes part)
+    pooled: Literal["clip", "frozen", "off"] = "clip"
+    text_mlm_steps: int = 0  # masked-word pretraining of the T5 on the pools' texts first (musar.toy.text)
+    text_train: Literal["all", "layers", "none"] = "all"  # what of the T5 trains with the base
+    ema_decay: float = 0.0  # exponential moving average of the weights, saved and probed (0: off)
 
 
-def _to_tensor(arrays: list[np.ndarray]) -> torch.Tensor:
-    pixels = np.stack(arrays).astype(np.float32) / 127.5 - 1.0
-    return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
-
-
-def _brief_flags(rng: np.random.Generator, n: int, p: float) -> list[bool]:
-    return [bool(f) for f in rng.random(n) < p]
-
-
-def render_pool(n: int, cfg: PretrainConfig) -> tuple[torch.Tensor, list[str]]:
-    """(n, 3, 64, 64) pixels in [-1, 1] and their captions, from training identities only.
-
-    Each subject is named in full or, with ``cfg.brief_prob``, by its category only, so the base
-    also knows what 'a star' means without a colour, the phrase MUSAR's toy prompts use.
-    """
-    scenes = world.make_multi_scenes(
-        n, cfg.seed, max_objects=cfg.max_objects, split="train", same_category_prob=cfg.same_category_prob
-    )
-    rng = np.random.default_rng(cfg.seed + 101)
-    captions = [world.caption(s, _brief_flags(rng, len(s.placements), cfg.brief_prob)) for s in scenes]
-    return _to_tensor([world.render_array(s) for s in scenes]), captions
-
-
-def render_diptychs(n: int, cfg: PretrainConfig) -> tuple[torch.Tensor, list[str]]:
-    """(n, 3, 64, 128) two-column images and their template prompts (training identities only).
-
-    FLUX can draw the diptychs of the paper's Fig. 2 from the template prompt alone (Subjects200K
-    was made that way), and MUSAR's stages 2-3 fine-tune at that 2:1 shape. A base that never
-    saw it would have to learn the shape inside the LoRA. Tried here: MUSAR training then wrecked
-    the square outputs. So the toy base sees such diptychs too, built the way
-    :func:`musar.data.samples.make_diptych` builds them.
-    """
-    specs = world.make_pair_specs(2 * n, cfg.seed + 7, split="train")
-    rng = np.random.default_rng(cfg.seed + 202)
-    arrays, prompts = [], []
-    for a, b in zip(specs[0::2], specs[1::2], strict=True):
-        brief_a, brief_b = _brief_flags(rng, 2, cfg.brief_prob)
-        phrase_b = world.subject_phrase(b.identity, brief=brief_b)
-        if a.identity.category == b.identity.category:
-            phrase_b = another_phrase(phrase_b)
-        prompts.append(diptych_prompt(
-            world.subject_phrase(a.identity, brief=brief_a), world.caption(a.scenes[1], brief_a),
-            phrase_b, world.caption(b.scenes[1], brief_b),
-        ))
-        arrays.append(np.concatenate([world.render_array(a.scenes[1]), world.render_array(b.scenes[1])], axis=1))
-    return _to_tensor(arrays), prompts
-
-
-@torch.no_grad()
 def _encode_pool(pipe: MusarPipeline, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed, scaled latents of a pool (the codec is frozen: encode once) and their position ids."""
     vae = pipe.vae
-    lat = torch.cat([vae.encode(chunk).latent_dist.mode() for chunk in pixels.split(512)])
+    with torch.no_grad():
+        lat = torch.cat([vae.encode(chunk).latent_dist.mode() for chunk in pixels.split(512)])
     lat = (lat - vae.config.shift_factor) * vae.config.scaling_factor
     b, ch, h, w = lat.shape
     return pipe._pack_latents(lat, b, ch, h, w), latent_image_ids(h // 2, w // 2, "cpu", torch.float32)
@@ -117,10 +88,7 @@ def _encode_pool(pipe: MusarPipeline, pixels: torch.Tensor) -> tuple[torch.Tenso
 def encode_text(pipe: MusarPipeline, prompts: list[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """T5 sequence and CLIP pooled vector, tokenized exactly as FluxPipeline.encode_prompt does
     (padded to the tokenizer's length, no attention mask), but *with* gradients."""
-    t5_ids = pipe.tokenizer_2(
-        prompts, padding="max_length", max_length=length, truncation=True,
-        return_tensors="pt",
-    ).input_ids
+    t5_ids = pipe.tokenizer_2(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
     clip_ids = pipe.tokenizer(
         prompts, padding="max_length", max_length=pipe.tokenizer_max_length, truncation=True, return_tensors="pt"
     ).input_ids
@@ -136,54 +104,91 @@ def _lr_factor(step: int, cfg: PretrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def trainable_parameters(pipe: MusarPipeline, cfg: PretrainConfig) -> list[torch.nn.Parameter]:
+    """Set up which weights train (see the module docstring) and return them."""
+    modules = [pipe.transformer, pipe.text_encoder_2] + ([pipe.text_encoder] if cfg.pooled == "clip" else [])
+    for m in modules:
+        m.train().requires_grad_(True)
+    freeze_text(pipe.text_encoder_2, cfg.text_train)
+    if cfg.pooled != "clip":
+        pipe.text_encoder.eval().requires_grad_(False)
+    if cfg.pooled == "off":
+        proj = pipe.transformer.time_text_embed.text_embedder.linear_1
+        torch.nn.init.zeros_(proj.weight)
+        proj.weight.requires_grad_(False)
+    return [p for m in modules for p in m.parameters() if p.requires_grad]
+
+
 def pretrain(
-    cfg: PretrainConfig, out: str | Path, log: Callable[[str], None] = print
+    cfg: PretrainConfig, out: str | Path, log: Callable[[str], None] = print,
+    callback: Callable[[int, MusarPipeline], dict[str, object] | None] | None = None, callback_every: int = 0,
 ) -> tuple[MusarPipeline, dict[str, object]]:
-    """Train a toy base from scratch and save it as a plain FLUX folder under ``out``."""
+    """Train a toy base from scratch and save it as a plain FLUX folder under ``out``.
+
+    ``callback(step, pipe)`` runs every ``callback_every`` steps (models in eval mode, no grad);
+    what it returns is kept in ``pretrain.json`` under 'probes'.
+    """
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
-        return _pretrain(cfg, Path(out), log)
+        return _pretrain(cfg, Path(out), log, callback, callback_every)
     finally:
         torch.set_num_threads(threads)
 
 
-def _pretrain(cfg: PretrainConfig, out: Path, log: Callable[[str], None]) -> tuple[MusarPipeline, dict[str, object]]:
+def _pretrain(
+    cfg: PretrainConfig, out: Path, log: Callable[[str], None],
+    callback: Callable[[int, MusarPipeline], dict[str, object] | None] | None, callback_every: int,
+) -> tuple[MusarPipeline, dict[str, object]]:
     t0 = time.perf_counter()
     pipe = build_toy_pipeline(cfg.seed)
-    pixels, captions = render_pool(cfg.scenes, cfg)
-    log(f"pretrain: {len(captions)} scenes rendered in {time.perf_counter() - t0:.1f}s; params {parameter_counts(pipe)}")
+    tok = pipe.tokenizer_2
+    scenes = scene_pool(cfg.scenes, cfg.seed, tok, cfg.long_text_length, cfg.max_objects, cfg.same_category_prob,
+                        cfg.brief_prob, cfg.grounding_background)
+    log(f"pretrain: {len(scenes.prompts)} scenes rendered in {time.perf_counter() - t0:.1f}s; params {parameter_counts(pipe)}")
     if cfg.codec_from:
         pipe.vae = ToyCodec.from_pretrained(Path(cfg.codec_from) / "vae")
         codec_info: dict[str, object] = {"reused": str(cfg.codec_from)}
     else:
-        codec_info = dict(train_codec(pipe.vae, pixels, cfg.codec, log))
+        codec_info = dict(train_codec(pipe.vae, scenes.pixels, cfg.codec, log))
     log(f"pretrain: codec {codec_info}")
-    modules = [pipe.transformer, pipe.text_encoder, pipe.text_encoder_2]
-    params = [p for m in modules for p in m.parameters()]
-    for m in modules:
-        m.train().requires_grad_(True)
+    if cfg.diptych_every and cfg.diptychs:
+        dip = diptych_pool(cfg.diptychs, cfg.seed, tok, cfg.long_text_length, cfg.brief_prob, cfg.same_identity_prob,
+                           cfg.grounding_background)
+    text_info: dict[str, object] = {}
+    if cfg.text_mlm_steps:
+        texts = scenes.prompts + (dip.prompts if cfg.diptych_every and cfg.diptychs else [])
+        text_info = mlm_pretrain(pipe.text_encoder_2, tok, texts, cfg.text_mlm_steps,
+                                 (cfg.text_length, cfg.long_text_length), seed=cfg.seed, log=log)
+        log(f"pretrain: text {text_info}")
+    params = trainable_parameters(pipe, cfg)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
     objective = ObjectiveConfig()
     gen = torch.Generator().manual_seed(cfg.seed)
-    packed, img_ids = _encode_pool(pipe, pixels)
-    pools = [(packed, img_ids, captions)]
+    pools: list[tuple[Pool, torch.Tensor, torch.Tensor]] = [(scenes, *_encode_pool(pipe, scenes.pixels))]
     if cfg.diptych_every and cfg.diptychs:
-        dip_pixels, dip_prompts = render_diptychs(cfg.diptychs, cfg)
-        pools.append((*_encode_pool(pipe, dip_pixels), dip_prompts))
-    history: list[float] = []
-    window: list[float] = []
+        pools.append((dip, *_encode_pool(pipe, dip.pixels)))
+    ema = _Ema(params, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    tap = AffinityTap(grad=True)
+    if cfg.grounding_weight > 0:
+        install_tap(pipe.transformer, tap)
+    history: list[dict[str, float]] = []
+    probes: list[dict[str, object]] = []
+    window: dict[str, list[float]] = {"flow": [], "grounding": []}
     for step in range(cfg.steps):
         diptych = len(pools) > 1 and step % cfg.diptych_every == cfg.diptych_every - 1
-        latents, img_ids, texts = pools[1 if diptych else 0]
-        idx = torch.randint(0, len(texts), (cfg.batch_size,), generator=gen)
+        pool, latents, img_ids = pools[1 if diptych else 0]
+        idx = torch.randint(0, len(pool.prompts), (cfg.batch_size,), generator=gen)
         x0 = latents[idx]
         # Text is padded without a mask, FLUX-style, so the pad count is part of the input: show the
-        # model the longer padding MUSAR fine-tuning will use, too.
+        # model the longer padding MUSAR fine-tuning and generation use, too.
         long = diptych or (cfg.long_text_every and step % cfg.long_text_every == 0)
-        length = cfg.long_text_length if long else cfg.text_length
-        seq, pooled = encode_text(pipe, [texts[i] for i in idx.tolist()], length)
+        seq, pooled = encode_text(pipe, [pool.prompts[i] for i in idx.tolist()], cfg.long_text_length if long else cfg.text_length)
+        targets = pool.targets.take(idx)
+        tap.records = {}
+        tap.enabled = cfg.grounding_weight > 0 and bool(targets.valid.any())
+        tap.spans = targets.spans
         t = sample_timesteps(cfg.batch_size, x0.shape[1], objective, gen, "cpu")
         eps = torch.randn(x0.shape, generator=gen)
         pred = pipe.transformer(
@@ -191,24 +196,107 @@ def _pretrain(cfg: PretrainConfig, out: Path, log: Callable[[str], None]) -> tup
             timestep=t, img_ids=img_ids, txt_ids=torch.zeros(seq.shape[1], 3), return_dict=False,
         )[0]
         loss = flow_loss(pred, velocity_target(x0, eps))
+        window["flow"].append(float(loss.detach()))
+        ground = grounding_loss(list(tap.records.values()), targets) if tap.enabled else None
+        if ground is not None:
+            loss = loss + cfg.grounding_weight * ground
+            window["grounding"].append(float(ground.detach()))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        window.append(float(loss.detach()))
+        if ema is not None:
+            ema.update(step >= cfg.warmup)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            mean = sum(window) / len(window)
-            history.append(mean)
-            window = []
+            means = {k: sum(v) / len(v) for k, v in window.items() if v}
+            history.append({"step": step + 1, **means})
+            window = {k: [] for k in window}
             rate = (step + 1) / (time.perf_counter() - t0)
-            log(f"pretrain step {step + 1}/{cfg.steps} loss {mean:.4f} lr {sched.get_last_lr()[0]:.2e} ({rate:.2f} it/s)")
-    for m in modules:
+            terms = " ".join(f"{k} {v:.4f}" for k, v in means.items())
+            log(f"pretrain step {step + 1}/{cfg.steps} {terms} lr {sched.get_last_lr()[0]:.2e} ({rate:.2f} it/s)")
+        if callback is not None and callback_every and ((step + 1) % callback_every == 0 or step + 1 == cfg.steps):
+            with _averaged(ema):
+                probes.append({"step": step + 1, **(_probe(pipe, callback, step + 1) or {})})
+            if cfg.grounding_weight > 0:  # a probe may have swapped the attention processors
+                install_tap(pipe.transformer, tap)
+    if ema is not None:
+        ema.swap()  # the averaged weights are the ones saved
+    for m in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2):
         m.eval().requires_grad_(False)
+    for block in (*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks):
+        block.attn.set_processor(MusarAttnProcessor())
     base = out / "base"
     pipe.save_pretrained(base)
     info = {"config": asdict(cfg), "wall_s": round(time.perf_counter() - t0, 1), "loss_history": history,
-            "codec": codec_info, "params": parameter_counts(pipe)}
+            "codec": codec_info, "text": text_info, "params": parameter_counts(pipe), "probes": probes}
     (out / "pretrain.json").write_text(json.dumps(info, indent=2))
     log(f"pretrain: saved {base} after {info['wall_s']}s")
     return pipe, info
+
+
+class _Ema:
+    """An exponential moving average of ``params``; :meth:`swap` exchanges it with the live weights."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float) -> None:
+        self.params, self.decay = params, decay
+        self.shadow = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self, average: bool) -> None:
+        d = self.decay if average else 0.0  # during warmup the average just follows the weights
+        for s, p in zip(self.shadow, self.params, strict=True):
+            s.mul_(d).add_(p.detach(), alpha=1 - d)
+
+    @torch.no_grad()
+    def swap(self) -> None:
+        for s, p in zip(self.shadow, self.params, strict=True):
+            tmp = p.detach().clone()
+            p.copy_(s)
+            s.copy_(tmp)
+
+
+@contextmanager
+def _averaged(ema: _Ema | None) -> Iterator[None]:
+    if ema is not None:
+        ema.swap()
+    try:
+        yield
+    finally:
+        if ema is not None:
+            ema.swap()
+
+
+def _probe(
+    pipe: MusarPipeline, callback: Callable[[int, MusarPipeline], dict[str, object] | None], step: int
+) -> dict[str, object] | None:
+    modules = (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2)
+    modes = [m.training for m in modules]
+    for block in (*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks):
+        block.attn.set_processor(MusarAttnProcessor())
+    for m in modules:
+        m.eval()
+    try:
+        with torch.no_grad():
+            return callback(step, pipe)
+    finally:
+        for m, mode in zip(modules, modes, strict=True):
+            m.train(mode)
+
+
+def load_pretrain_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> PretrainConfig:
+    """A :class:`PretrainConfig` from YAML (``configs/toy_base.yaml``) plus ``key=value`` overrides,
+    every key checked as ``musar train`` checks its own."""
+    import yaml
+
+    from musar.errors import MusarError
+    from musar.train.config import apply_override, from_dict
+
+    data: dict[str, object] = {}
+    if path is not None:
+        if not Path(path).is_file():
+            raise MusarError(f"config file not found: {path}")
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return from_dict(PretrainConfig, data)

@@ -1,9 +1,10 @@
-"""``musar toy report``: every variant on the same held-out cases, scored by the exact analyser.
+"""``musar toy report``: the gates and the Fig. 8 table on held-out cases, scored by the analyser.
 
-For each variant (and the base model from the prompt alone, as a reference row) it generates
-``seeds`` images per case, analyses them with :func:`musar.toy.analyser.evaluate` against the two
-reference identities and the prompted scene, and writes ``report.md`` (the table), ``report.json``
-(all numbers, per-case verdicts) and ``grid.png`` (references and one sample per variant).
+Rows of the Fig. 8 table (:data:`ROWS`): the codec ceiling, the base from the brief prompt alone,
+every trained variant on two-subject cases, MUSAR on one subject (after stage 1 and at the end),
+and the model trained at c = 2 used at c = 3. 'Routes given from the true layout' passes a box
+around each subject's true tokens (the layout-control feature), the upper bound of routing. Every number carries its standard error.
+Writes ``report.md``, ``report.json`` (all numbers and per-image verdicts) and ``grid.png``.
 """
 
 from __future__ import annotations
@@ -16,30 +17,52 @@ from pathlib import Path
 
 from PIL import Image
 
-from musar.toy.analyser import Verdict, evaluate, summarize
-from musar.toy.cases import Case, generate_case, generate_text_only, make_cases
+from musar.toy import gates, probes
+from musar.toy.analyser import evaluate
+from musar.toy.cases import Case, make_cases
 from musar.toy.codec import codec_round_trip
+from musar.toy.metrics import attribute_rates, diptych_artefact, entanglement, fmt, mean_se
 from musar.toy.model import load_toy_pipeline
-from musar.toy.variants import VARIANTS, get_variant, variant_dir
+from musar.toy.rows import COLUMNS, ROWS, Row
+from musar.toy.sampling import sample_text_only
+from musar.toy.variants import get_variant, stage1_lora, variant_dir
 from musar.toy.world import render_scene
 
-METRICS: tuple[tuple[str, str], ...] = (
-    ("all_present_rate", "both present"),
-    ("attribute_fidelity", "attribute fidelity"),
-    ("entanglement_rate", "entanglement (lower is better)"),
-    ("background_rate", "background fidelity"),
-    ("region_rate", "region fidelity"),
-)
+Rates = dict[str, tuple[float, float]]
 
 
-def _fmt(x: float) -> str:
-    return "n/a" if math.isnan(x) else f"{x:.3f}"
+def _score(images: Sequence[Image.Image], cases: Sequence[Case], per_case: int) -> tuple[Rates, list[str]]:
+    flat = [c for c in cases for _ in range(per_case)]
+    verdicts = [evaluate(im, c.identities, c.scene) for im, c in zip(images, flat, strict=True)]
+    rates = attribute_rates(verdicts)
+    if len(cases[0].identities) >= 2:
+        rates["entanglement"] = entanglement(verdicts)
+        rates["entanglement_same"] = entanglement([v for v, c in zip(verdicts, flat, strict=True) if c.same_category])
+    rates["artefact"] = mean_se([
+        diptych_artefact(im, v.analysis, len(c.identities)) for im, v, c in zip(images, verdicts, flat, strict=True)
+    ])
+    return rates, [v.describe() for v in verdicts]
 
 
-def _scores(verdicts: Sequence[Verdict], cases: Sequence[Case], per_case: int) -> dict[str, dict[str, float]]:
-    same = [v for i, v in enumerate(verdicts) if cases[i // per_case].same_category]
-    other = [v for i, v in enumerate(verdicts) if not cases[i // per_case].same_category]
-    return {"all": summarize(verdicts), "same_category": summarize(same), "different_category": summarize(other)}
+def _generate(row: Row, out: Path, cases: Sequence[Case], seeds: Sequence[int]) -> tuple[Rates, list[str], list[Image.Image]]:
+    if row.name == "codec":
+        vae = load_toy_pipeline(out / "base").vae
+        images = [codec_round_trip(vae, render_scene(c.scene)) for c in cases for _ in seeds]
+        rates, verdicts = _score(images, cases, len(seeds))
+        return rates, verdicts, images
+    if row.variant is None:
+        pipe = load_toy_pipeline(out / "base")
+        images = sample_text_only(pipe, [c.prompt for c in cases for _ in seeds], [s for _ in cases for s in seeds])
+        rates, verdicts = _score(images, cases, len(seeds))
+        return rates, verdicts, images
+    variant = get_variant(row.variant)
+    lora = stage1_lora(out, row.variant) if row.stage1 else variant_dir(out, row.variant) / "lora.safetensors"
+    pipe = load_toy_pipeline(out / "base", lora=lora)
+    rates, _, images = probes.customization(pipe, cases, seeds, variant.static_routing, variant.dynamic_routing,
+                                            routes_from=row.routes_from)
+    scored, verdicts = _score(images, cases, len(seeds))
+    scored.update({k: v for k, v in rates.items() if k.startswith("routing_")})
+    return scored, verdicts, images
 
 
 def _grid(rows: list[list[Image.Image]], scale: int = 2, pad: int = 2) -> Image.Image:
@@ -53,80 +76,81 @@ def _grid(rows: list[list[Image.Image]], scale: int = 2, pad: int = 2) -> Image.
 
 
 def run_report(
-    out: str | Path, variants: Sequence[str] = tuple(VARIANTS), cases: int = 24, seeds: tuple[int, ...] = (0, 1),
-    include_base: bool = True, report_dir: str | Path | None = None, log: Callable[[str], None] = print,
+    out: str | Path, rows: Sequence[str] | None = None, cases: int = 24, seeds: tuple[int, ...] = (0, 1),
+    report_dir: str | Path | None = None, base_gates: bool = True, log: Callable[[str], None] = print,
+    gate_cases: tuple[int, int] = (48, 24),
 ) -> dict[str, object]:
-    """Score ``variants`` (trained under ``out``) on ``cases`` held-out cases x ``seeds``."""
+    """Score the ``rows`` (names of :data:`ROWS`; default all that can run) on ``cases`` held-out
+    cases x ``seeds``; with ``base_gates`` also measure gates 0 and 1 on the base, on
+    ``gate_cases`` (one-subject, two-subject) cases x the same seeds."""
     out = Path(out)
     dest = Path(report_dir) if report_dir is not None else out / "report"
     dest.mkdir(parents=True, exist_ok=True)
-    test_cases = make_cases(cases)
+    chosen = [r for r in ROWS if (rows is None or r.name in rows)]
+    case_sets = {k: make_cases(cases, subjects=k) for k in (1, 2, 3)}
     results: dict[str, dict[str, object]] = {}
     samples: dict[str, list[Image.Image]] = {}
-    rows: list[tuple[str, str, str]] = []
-    names = (["codec", "base"] if include_base else []) + list(variants)
-    for name in names:
+    for row in chosen:
+        if row.name == "given_routes":
+            results[row.name] = {"label": row.label, "skipped": "needs routes given from the layout (core feature)"}
+            continue
+        if row.variant and not (variant_dir(out, row.variant) / "lora.safetensors").is_file():
+            results[row.name] = {"label": row.label, "skipped": f"variant {row.variant} not trained"}
+            continue
         t0 = time.perf_counter()
-        verdicts: list[Verdict] = []
-        images: list[Image.Image] = []
-        if name == "codec":
-            # What a perfect flow model could score at best: the prompted scene, rendered, through
-            # the codec and back. Deterministic, so every seed gets the same image.
-            vae = load_toy_pipeline(out / "base").vae
-            for case in test_cases:
-                imgs = [codec_round_trip(vae, render_scene(case.scene))] * len(seeds)
-                images.extend(imgs)
-                verdicts.extend(evaluate(im, case.identities, case.scene) for im in imgs)
-            label, command = "codec round trip of the prompted scene (ceiling)", "musar toy pretrain"
-        elif name == "base":
-            pipe = load_toy_pipeline(out / "base")
-            for case in test_cases:
-                imgs = [generate_text_only(pipe, case.prompt, s) for s in seeds]
-                images.extend(imgs)
-                verdicts.extend(evaluate(im, case.identities, case.scene) for im in imgs)
-            label, command = "base, prompt only (no references)", "musar toy pretrain"
-        else:
-            v = get_variant(name)
-            lora = variant_dir(out, name) / "lora.safetensors"
-            pipe = load_toy_pipeline(out / "base", lora=lora)
-            for case in test_cases:
-                imgs, _ = generate_case(pipe, case, seeds, v.static_routing, v.dynamic_routing)
-                images.extend(imgs)
-                verdicts.extend(evaluate(im, case.identities, case.scene) for im in imgs)
-            label, command = v.label, f"musar toy train --variant {name}"
-            wall_file = variant_dir(out, name) / "wall.json"
-            if wall_file.is_file():
-                results.setdefault(name, {})["train_wall_s"] = json.loads(wall_file.read_text())["wall_s"]
-        scores = _scores(verdicts, test_cases, len(seeds))
-        results.setdefault(name, {}).update({
-            "label": label, "scores": scores, "generate_wall_s": round(time.perf_counter() - t0, 1),
-            "verdicts": [v.describe() for v in verdicts],
-        })
-        samples[name] = images[:: len(seeds)]  # first seed of every case, for the grid
-        rows.append((name, label, command))
-        log(f"toy report {name}: " + ", ".join(f"{k} {_fmt(scores['all'][k])}" for k, _ in METRICS))
-
-    lines = [
-        f"Held-out cases: {len(test_cases)} (half same-shape pairs) x {len(seeds)} seeds = "
-        f"{len(test_cases) * len(seeds)} images per row, 64x64, {GEN_STEPS} Euler steps.",
-        "",
-        "| variant | " + " | ".join(h for _, h in METRICS) + " | entanglement, same shape | train wall (s) |",
-        "|---" * (len(METRICS) + 3) + "|",
-    ]
-    for name, label, _ in rows:
-        r = results[name]
-        s = r["scores"]  # type: ignore[index]
-        cells = [_fmt(s["all"][k]) for k, _ in METRICS] + [_fmt(s["same_category"]["entanglement_rate"])]  # type: ignore[index]
-        wall = r.get("train_wall_s", "")
-        lines.append(f"| {label} (`{name}`) | " + " | ".join(cells) + f" | {wall} |")
-    (dest / "report.md").write_text("\n".join(lines) + "\n")
+        rates, verdicts, images = _generate(row, out, case_sets[row.subjects], seeds)
+        results[row.name] = {"label": row.label, "command": row.command, "subjects": row.subjects,
+                             "rates": {k: list(v) for k, v in rates.items()}, "verdicts": verdicts,
+                             "generate_wall_s": round(time.perf_counter() - t0, 1)}
+        wall = variant_dir(out, row.variant) / "wall.json" if row.variant else None
+        if wall is not None and wall.is_file():
+            results[row.name]["train_wall_s"] = json.loads(wall.read_text())["wall_s"]
+        samples[row.name] = images[:: len(seeds)]
+        log(f"toy report {row.name}: " + ", ".join(f"{h} {fmt(rates.get(k, (math.nan, math.nan)))}" for k, h in COLUMNS))
+    if base_gates:
+        t0 = time.perf_counter()
+        measured = gates.base_gates(load_toy_pipeline(out / "base"), *gate_cases, seeds=seeds)
+        results["base_gates"] = {k: {kk: list(vv) for kk, vv in v.items()} for k, v in measured.items()}
+        log(f"toy report base gates ({time.perf_counter() - t0:.0f}s): {gates.summary_line(measured)}")
     (dest / "report.json").write_text(json.dumps(results, indent=2))
-    grid_rows = [c.reference_images() + [samples[n][i] for n in names] for i, c in enumerate(test_cases[:8])]
-    _grid(grid_rows).save(dest / "grid.png")
-    (dest / "grid.txt").write_text("columns: reference A, reference B, " + ", ".join(names) + "\n"
-                                   + "\n".join(f"row {c.index}: {c.prompt}" for c in test_cases[:8]) + "\n")
-    log(f"toy report: wrote {dest / 'report.md'} and {dest / 'grid.png'}")
+    (dest / "report.md").write_text(render_markdown(results, cases, seeds))
+    two = [r.name for r in chosen if r.subjects == 2 and r.name in samples]
+    grid_rows = [c.reference_images() + [samples[n][i] for n in two] for i, c in enumerate(case_sets[2][:8])]
+    if two:
+        _grid(grid_rows).save(dest / "grid.png")
+        (dest / "grid.txt").write_text("columns: reference A, reference B, " + ", ".join(two) + "\n"
+                                       + "\n".join(f"row {c.index}: {c.prompt}" for c in case_sets[2][:8]) + "\n")
+    log(f"toy report: wrote {dest / 'report.md'}")
     return results
 
 
-GEN_STEPS = 16
+def gate_results(results: dict[str, dict[str, object]]) -> dict[str, Rates]:
+    """The measured groups :func:`musar.toy.gates.check` reads, from a report's results."""
+    out: dict[str, Rates] = {k: {kk: tuple(vv) for kk, vv in v.items()}  # type: ignore[misc]
+                             for k, v in results.get("base_gates", {}).items()}
+    for group, row in (("custom1", "single_stage1"), ("custom2", "full")):
+        rates = results.get(row, {}).get("rates")
+        if rates:
+            out[group] = {k: tuple(v) for k, v in rates.items()}  # type: ignore[union-attr,misc]
+    return out
+
+
+def render_markdown(results: dict[str, dict[str, object]], cases: int, seeds: Sequence[int]) -> str:
+    lines = ["## Gates (held-out identities; mean ± standard error)", "", "| gate | measured | result |", "|---|---|---|"]
+    for gate, key, text, ok in gates.check(gate_results(results)):
+        lines.append(f"| {gate}: `{key}` | {text} | {'pass' if ok else ('-' if ok is None else 'MISS')} |")
+    lines += ["", f"## Fig. 8 table: {cases} held-out cases per subject count x {len(seeds)} seeds, 64 px, 16 Euler steps",
+              "", "| row | " + " | ".join(h for _, h in COLUMNS) + " | train wall (s) | reproduce |",
+              "|---" * (len(COLUMNS) + 3) + "|"]
+    for row in ROWS:
+        r = results.get(row.name)
+        if r is None:
+            continue
+        if "skipped" in r:
+            lines.append(f"| {row.label} | " + " | ".join("-" for _ in COLUMNS) + f" | - | not run: {r['skipped']} |")
+            continue
+        rates = {k: tuple(v) for k, v in r["rates"].items()}  # type: ignore[union-attr]
+        cells = [fmt(rates.get(k, (math.nan, math.nan))) for k, _ in COLUMNS]  # type: ignore[arg-type]
+        lines.append(f"| {row.label} | " + " | ".join(cells) + f" | {r.get('train_wall_s', '')} | `{row.command}` |")
+    return "\n".join(lines) + "\n"
+

@@ -30,12 +30,13 @@ class Variant:
     static_routing: bool = True
     dynamic_routing: bool = True
     stage1_only: bool = False
+    keep_stage1: bool = False  # also keep the LoRA as it was at the end of curriculum stage 1 (gate 2)
 
 
 VARIANTS: dict[str, Variant] = {
     v.name: v
     for v in (
-        Variant("full", "MUSAR (full)", ()),
+        Variant("full", "MUSAR (full)", (), keep_stage1=True),
         Variant("no_dynamic", "w/o dynamic routing", ("routing.dynamic=false",), dynamic_routing=False),
         Variant("no_debias", "w/o debiasing (no static routing, shared LoRA)",
                 ("routing.static=false", "lora.mode=shared"), static_routing=False),
@@ -67,10 +68,28 @@ def variant_overrides(
         *variant.overrides,
         *extra,
     ]
+    cfg = load_config(config, overrides)
     if variant.stage1_only:  # same total budget, all of it single-subject
-        total = load_config(config, overrides).curriculum.total_steps
+        total = cfg.curriculum.total_steps
         overrides += [f"curriculum.stage1_steps={total}", "curriculum.stage2_steps=0", "curriculum.stage3_steps=0"]
+    if variant.keep_stage1:  # a checkpoint lands exactly at the end of stage 1 and is kept
+        overrides += [f"checkpoint_every={cfg.curriculum.stage1_steps}", "keep_last=0"]
     return overrides
+
+
+def stage1_lora(out: str | Path, name: str) -> Path:
+    """The variant's LoRA checkpoint at the end of curriculum stage 1."""
+    from musar.train.checkpoint import list_checkpoints
+
+    folder = variant_dir(out, name)
+    wall = folder / "wall.json"
+    stage1 = None
+    if wall.is_file():
+        stage1 = json.loads(wall.read_text()).get("stage1_steps")
+    for step, path in list_checkpoints(folder):
+        if step == stage1:
+            return path / "lora.safetensors"
+    raise MusarError(f"no stage-1 checkpoint of {name} under {folder} (train it with this version of musar toy)")
 
 
 def train_variant(
@@ -102,5 +121,6 @@ def train_variant(
     result = train(cfg)
     wall = time.perf_counter() - t0
     (folder / "wall.json").write_text(json.dumps({"variant": name, "wall_s": round(wall, 1), "steps": cfg.total_steps,
+                                                  "stage1_steps": cfg.curriculum.stage1_steps,
                                                   "overrides": overrides}, indent=2))
     return Path(result.lora_path)

@@ -1,0 +1,239 @@
+"""Batched text-only sampling of the toy base, and a tap on every layer's noise->prompt affinity.
+
+:class:`AffinityTap` sees, in every attention layer, the q/k that attention itself uses (after
+RMSNorm and RoPE) and computes S* from them with :func:`musar.models.routing.subject_affinity`, the
+function dynamic routing is defined by. It serves three callers:
+
+* the grounding probe (gate 1): the base's own S* during text-only generation, per layer and
+  step, with no LoRA and no references;
+* the routing probe of conditioned generation (gate 3): the same q/k MUSAR routes with, per
+  layer (:class:`~musar.pipelines.routing_maps.RoutingRecorder` keeps only the layer mean);
+* the grounding term of base pretraining (:mod:`musar.toy.grounding`), with gradients.
+
+It is installed as a subclass of :class:`~musar.models.attention.MusarAttnProcessor`, so the
+transformer's forward keeps it and computes exactly what it computed before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+from PIL import Image
+
+from musar.models.attention import LayerRouting, MusarAttnProcessor
+from musar.models.dispatch import KernelBackend, attention
+from musar.models.routing import subject_affinity
+from musar.pipelines.pipeline_musar import MusarPipeline
+
+STEPS = 16  # Euler steps of every toy measurement
+TEXT_LENGTH = 64  # T5 tokens of a main prompt at generation (what the toy's MUSAR config uses)
+
+
+@dataclass
+class AffinityTap:
+    """Collects S* per (step, layer). ``spans`` (B, c, 2) are used when the forward carries none
+    (text-only generation); a conditioned forward's own spans take precedence.
+
+    ``grad``: keep the autograd graph (for a training loss); otherwise records are detached CPU
+    tensors. ``enabled`` switches recording off without uninstalling the processors.
+    """
+
+    spans: torch.Tensor | None = None
+    grad: bool = False
+    enabled: bool = True
+    records: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    batches: list[np.ndarray] = field(default_factory=list)  # routes of finished batches, see flush
+
+    step: int = 0  # the denoising step of the next forward (set by the sampler)
+    text_len: int = 0  # prompt tokens of the current forward (seen by its double blocks)
+
+    def record(
+        self, layer: int, step: int, q_noise: torch.Tensor, k_prompt: torch.Tensor, spans: torch.Tensor | None,
+        candidates: torch.Tensor | None = None,
+    ) -> None:
+        """S* of one layer; with ``candidates`` (boxes) the conditions a token may not read are
+        masked out, so the recorded argmax is the route the layer actually took."""
+        spans = spans if spans is not None else self.spans
+        if not self.enabled or spans is None:
+            return
+        aff = subject_affinity(q_noise, k_prompt, spans.to(q_noise.device))
+        if candidates is not None:
+            aff = aff.masked_fill(~candidates.to(aff.device), float("-inf"))
+        self.records[(step, layer)] = aff if self.grad else aff.detach().cpu()
+
+    def clear(self) -> None:
+        self.records = {}
+        self.batches = []
+
+    def flush(self) -> None:
+        """Move the current records' routes to :attr:`batches` (one entry per sampled batch)."""
+        if self.records:
+            self.batches.append(self.routes())
+        self.records = {}
+
+    def all_routes(self) -> np.ndarray:
+        """(steps, layers, B_total, n): every flushed batch, concatenated over samples."""
+        return np.concatenate(self.batches, axis=2)
+
+    def layers(self) -> list[int]:
+        return sorted({layer for _, layer in self.records})
+
+    def steps(self) -> list[int]:
+        return sorted({step for step, _ in self.records})
+
+    def routes(self) -> np.ndarray:
+        """(steps, layers, B, n) int64 routes argmax_k S*, in :meth:`steps` x :meth:`layers` order."""
+        return np.stack([
+            np.stack([self.records[(s, layer)].argmax(-1).numpy() for layer in self.layers()])
+            for s in self.steps()
+        ])
+
+
+class _TapRouting:
+    """Stands in for a layer's :class:`LayerRouting`: hands q/k to the tap, then routes as usual."""
+
+    def __init__(self, routing: LayerRouting, tap: AffinityTap) -> None:
+        self.routing, self.tap = routing, tap
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: KernelBackend = None) -> torch.Tensor:
+        ctx = self.routing.ctx
+        if ctx.cache is None:  # a cached forward holds no prompt keys of its own layout
+            lay = ctx.layout
+            self.tap.record(self.routing.index, ctx.step, q[:, :, lay.noise_slice], k[:, :, lay.prompt_slice], ctx.spans,
+                            ctx.candidates_on(q.device))
+        return self.routing.attend(q, k, v, backend=backend)
+
+
+class _TapPlain:
+    """A forward without conditions routes nothing (the transformer calls its layers as FLUX
+    does), so this stands in for the missing routing: it records S* of the prompt-then-image
+    sequence and attends unmasked, which is what the layer computes without it."""
+
+    def __init__(self, tap: AffinityTap, index: int) -> None:
+        self.tap, self.index = tap, index
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: KernelBackend = None) -> torch.Tensor:
+        n = self.tap.text_len
+        self.tap.record(self.index, self.tap.step, q[:, :, n:], k[:, :, :n], None)
+        return attention(q, k, v, backend=backend)
+
+
+class TapProcessor(MusarAttnProcessor):
+    def __init__(self, tap: AffinityTap, index: int) -> None:
+        self.tap, self.index = tap, index
+
+    def __call__(  # type: ignore[override]
+        self,
+        attn: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        routing: LayerRouting | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if routing is None:
+            if encoder_hidden_states is not None:  # double blocks run first and carry the prompt apart
+                self.tap.text_len = encoder_hidden_states.shape[1]
+            wrapped: object = _TapPlain(self.tap, self.index)
+        else:
+            wrapped = _TapRouting(routing, self.tap)
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, wrapped)  # type: ignore[arg-type]
+
+
+def _blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
+    return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]  # type: ignore[attr-defined]
+
+
+@contextmanager
+def tapped(transformer: torch.nn.Module, tap: AffinityTap) -> Iterator[AffinityTap]:
+    """Install ``tap`` in every attention layer for the duration of the block."""
+    install_tap(transformer, tap)
+    try:
+        yield tap
+    finally:
+        for block in _blocks(transformer):
+            block.attn.set_processor(MusarAttnProcessor())
+
+
+def install_tap(transformer: torch.nn.Module, tap: AffinityTap) -> None:
+    """Install ``tap`` for good (pretraining keeps it for every step)."""
+    for i, block in enumerate(_blocks(transformer)):
+        block.attn.set_processor(TapProcessor(tap, i))
+
+
+def timesteps_for(pipe: MusarPipeline, tokens: int, steps: int = STEPS) -> torch.Tensor:
+    """The pipeline's own schedule: linear sigmas with FLUX's resolution shift."""
+    sched = pipe.scheduler.config
+    mu = calculate_shift(tokens, sched.get("base_image_seq_len", 256), sched.get("max_image_seq_len", 4096),
+                         sched.get("base_shift", 0.5), sched.get("max_shift", 1.15))
+    timesteps, _ = retrieve_timesteps(pipe.scheduler, steps, "cpu", sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    return timesteps
+
+
+def decode(pipe: MusarPipeline, latents: torch.Tensor, height: int, width: int) -> list[Image.Image]:
+    unpacked = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+    unpacked = unpacked / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+    return pipe.image_processor.postprocess(pipe.vae.decode(unpacked, return_dict=False)[0], output_type="pil")
+
+
+@torch.no_grad()
+def sample_text_only(
+    pipe: MusarPipeline,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    height: int = 64,
+    width: int = 64,
+    steps: int = STEPS,
+    length: int = TEXT_LENGTH,
+    pooled_prompts: Sequence[str] | None = None,
+    batch: int = 64,
+    tap: AffinityTap | None = None,
+    spans: torch.Tensor | None = None,
+) -> list[Image.Image]:
+    """One image per (prompt, seed), the base alone (no references), in batches of ``batch``.
+
+    Each image's starting noise comes from its own seed, so an image does not depend on the
+    batch it was drawn in. ``pooled_prompts``: take the pooled vector from these prompts instead
+    (the pooled-shortcut probe). With a ``tap`` installed (:func:`tapped`) and ``spans`` (N, c, 2)
+    for the prompts, each batch's routes are flushed into ``tap.batches``.
+    """
+    if len(prompts) != len(seeds):
+        raise ValueError("one seed per prompt")
+    out: list[Image.Image] = []
+    for start in range(0, len(prompts), batch):
+        chunk = list(prompts[start : start + batch])
+        embeds, pooled, text_ids = pipe.encode_prompt(prompt=chunk, prompt_2=None, device="cpu", max_sequence_length=length)
+        if pooled_prompts is not None:
+            other = list(pooled_prompts[start : start + batch])
+            pooled = pipe.encode_prompt(prompt=other, prompt_2=None, device="cpu", max_sequence_length=length)[1]
+        if tap is not None:
+            tap.records = {}
+            tap.spans = None if spans is None else spans[start : start + batch]
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds[start : start + batch]]
+        latents, ids = pipe.prepare_latents(len(chunk), pipe.transformer.config.in_channels // 4, height, width,
+                                            embeds.dtype, "cpu", gens)
+        pipe.scheduler.set_begin_index(0)
+        for i, t in enumerate(timesteps_for(pipe, latents.shape[1], steps)):
+            if tap is not None:
+                tap.step = i
+            v = pipe.transformer(hidden_states=latents, encoder_hidden_states=embeds, pooled_projections=pooled,
+                                 timestep=(t / 1000).expand(len(chunk)), img_ids=ids, txt_ids=text_ids,
+                                 step_index=i).sample
+            latents = pipe.scheduler.step(v, t, latents, return_dict=False)[0]
+        out.extend(decode(pipe, latents, height, width))
+        if tap is not None:
+            tap.flush()
+    return out
+
+
+def pooled_norms(pipe: MusarPipeline, prompts: Sequence[str]) -> float:
+    """Mean L2 norm of what the pooled vector adds to the timestep embedding (0 when it is off)."""
+    with torch.no_grad():
+        pooled = pipe.encode_prompt(prompt=list(prompts), prompt_2=None, device="cpu", max_sequence_length=TEXT_LENGTH)[1]
+        emb = pipe.transformer.time_text_embed.text_embedder(pooled)
+    return float(emb.norm(dim=-1).mean())
