@@ -27,6 +27,7 @@ from musar.toy.rows import COLUMNS, ROWS, Row
 from musar.toy.sampling import sample_text_only
 from musar.toy.variants import get_variant, stage1_lora, variant_dir
 from musar.toy.world import render_scene
+from musar.utils.io import atomic_write_json, atomic_write_text
 
 Rates = dict[str, tuple[float, float]]
 
@@ -91,9 +92,6 @@ def run_report(
     results: dict[str, dict[str, object]] = {}
     samples: dict[str, list[Image.Image]] = {}
     for row in chosen:
-        if row.name == "given_routes":
-            results[row.name] = {"label": row.label, "skipped": "needs routes given from the layout (core feature)"}
-            continue
         if row.variant and not (variant_dir(out, row.variant) / "lora.safetensors").is_file():
             results[row.name] = {"label": row.label, "skipped": f"variant {row.variant} not trained"}
             continue
@@ -112,8 +110,8 @@ def run_report(
         measured = gates.base_gates(load_toy_pipeline(out / "base"), *gate_cases, seeds=seeds)
         results["base_gates"] = {k: {kk: list(vv) for kk, vv in v.items()} for k, v in measured.items()}
         log(f"toy report base gates ({time.perf_counter() - t0:.0f}s): {gates.summary_line(measured)}")
-    (dest / "report.json").write_text(json.dumps(results, indent=2))
-    (dest / "report.md").write_text(render_markdown(results, cases, seeds))
+    atomic_write_text(dest / "report.md", render_markdown(results, cases, seeds))
+    atomic_write_json(dest / "report.json", results)  # last: the chain takes report.json as 'done'
     two = [r.name for r in chosen if r.subjects == 2 and r.name in samples]
     grid_rows = [c.reference_images() + [samples[n][i] for n in two] for i, c in enumerate(case_sets[2][:8])]
     if two:
@@ -139,7 +137,9 @@ def render_markdown(results: dict[str, dict[str, object]], cases: int, seeds: Se
     lines = ["## Gates (held-out identities; mean ± standard error)", "", "| gate | measured | result |", "|---|---|---|"]
     for gate, key, text, ok in gates.check(gate_results(results)):
         lines.append(f"| {gate}: `{key}` | {text} | {'pass' if ok else ('-' if ok is None else 'MISS')} |")
-    lines += ["", f"## Fig. 8 table: {cases} held-out cases per subject count x {len(seeds)} seeds, 64 px, 16 Euler steps",
+    lines += ["", "Routing accuracy: the share of each subject's NOISE tokens routed to its own reference, late half of "
+              "the steps, every layer; in brackets where dynamic routing is off (what S* would have chosen).",
+              "", f"## Fig. 8 table: {cases} held-out cases per subject count x {len(seeds)} seeds, 64 px, 16 Euler steps",
               "", "| row | " + " | ".join(h for _, h in COLUMNS) + " | train wall (s) | reproduce |",
               "|---" * (len(COLUMNS) + 3) + "|"]
     for row in ROWS:
@@ -151,6 +151,9 @@ def render_markdown(results: dict[str, dict[str, object]], cases: int, seeds: Se
             continue
         rates = {k: tuple(v) for k, v in r["rates"].items()}  # type: ignore[union-attr]
         cells = [fmt(rates.get(k, (math.nan, math.nan))) for k, _ in COLUMNS]  # type: ignore[arg-type]
+        if row.variant is not None and not get_variant(row.variant).dynamic_routing:
+            # no route is taken: the column shows where S* *would* route, in brackets
+            cells = [f"({c})" if k.startswith("routing_") and c != "n/a" else c for c, (k, _) in zip(cells, COLUMNS, strict=True)]
         lines.append(f"| {row.label} | " + " | ".join(cells) + f" | {r.get('train_wall_s', '')} | `{row.command}` |")
     return "\n".join(lines) + "\n"
 
