@@ -84,6 +84,20 @@ def test_attribute_rates_and_entanglement_on_rendered_scenes() -> None:
     assert rate == pytest.approx(1 / 12) and se > 0
 
 
+def test_strict_presence_refuses_clutter_and_wrong_regions() -> None:
+    a, b = Identity("diamond", "red"), Identity("circle", "green")
+    truth = _scene((a, "left"), (b, "right"))
+    swapped = _scene((a, "right"), (b, "left"))  # both drawn, each in the other's region
+    cluttered = Scene("white", (Placement(a, "top left", 0.3), Placement(b, "top right", 0.3),
+                                Placement(Identity("star", "blue"), "bottom left", 0.3)))
+    rates = {name: attribute_rates([evaluate(render_scene(s), (a, b), truth)])
+             for name, s in (("truth", truth), ("swapped", swapped), ("cluttered", cluttered))}
+    assert rates["truth"]["clean"][0] == 1.0 and rates["truth"]["all_present_strict"][0] == 1.0
+    assert rates["swapped"]["all_present"][0] == 1.0 and rates["swapped"]["all_present_strict"][0] == 0.0
+    assert rates["cluttered"]["all_present"][0] == 1.0  # the plain metric picks the matching objects
+    assert rates["cluttered"]["clean"][0] == 0.0 and rates["cluttered"]["all_present_strict"][0] == 0.0
+
+
 def test_diptych_artefact_sees_seams_and_extra_subjects() -> None:
     from musar.toy.analyser import analyse
     from musar.toy.metrics import diptych_artefact

@@ -81,7 +81,8 @@ def summary_line(results: dict[str, Rates]) -> str:
     for group in ("single", "two"):
         if group in results:
             r = results[group]
-            parts.append(group + " " + "/".join(f"{r[a][0]:.2f}" for a in ("shape", "body_colour", "pattern", "pattern_colour")))
+            parts.append(group + " " + "/".join(f"{r[a][0]:.2f}" for a in ("shape", "body_colour", "pattern", "pattern_colour"))
+                         + (f" clean {r['clean'][0]:.2f}" if "clean" in r else ""))
     for group in ("grounding", "grounding_full"):
         if group in results:
             r = results[group]

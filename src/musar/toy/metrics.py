@@ -100,6 +100,11 @@ def attribute_rates(verdicts: Sequence[Verdict]) -> dict[str, tuple[float, float
     ``pattern_colour_patterned`` restricts it to subjects that have a pattern colour to copy.
     Also ``present`` (shape and body colour right) per subject, ``all_present`` per image,
     ``background`` per image and ``region`` per assigned subject.
+
+    The analyser gives each subject the best match among *all* objects it finds, so an image
+    cluttered with objects can score well by chance (an untrained model's noise does). Hence
+    ``clean``: the image shows exactly as many objects as subjects, and ``all_present_strict``:
+    clean, every subject present and each in its prompted region.
     """
     subs = [s for v in verdicts for s in v.subjects]
     out = {a: mean_se([s.matches[k] for s in subs]) for k, a in enumerate(ATTRIBUTES)}
@@ -109,6 +114,12 @@ def attribute_rates(verdicts: Sequence[Verdict]) -> dict[str, tuple[float, float
     out["fidelity"] = mean_se([s.fidelity for s in subs])
     out["present"] = mean_se([s.present for s in subs])
     out["all_present"] = mean_se([v.all_present for v in verdicts])
+    clean = [len(v.analysis.objects) == len(v.subjects) for v in verdicts]
+    out["clean"] = mean_se(clean)
+    out["all_present_strict"] = mean_se([
+        ok and v.all_present and all(s.region_ok is not False for s in v.subjects)
+        for ok, v in zip(clean, verdicts, strict=True)
+    ])
     out["background"] = mean_se([v.background_ok for v in verdicts if v.background_ok is not None])
     out["region"] = mean_se([s.region_ok for s in subs if s.region_ok is not None])
     return out

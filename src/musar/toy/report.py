@@ -137,6 +137,16 @@ def render_markdown(results: dict[str, dict[str, object]], cases: int, seeds: Se
     lines = ["## Gates (held-out identities; mean ± standard error)", "", "| gate | measured | result |", "|---|---|---|"]
     for gate, key, text, ok in gates.check(gate_results(results)):
         lines.append(f"| {gate}: `{key}` | {text} | {'pass' if ok else ('-' if ok is None else 'MISS')} |")
+    base = results.get("base_gates", {})
+    if base:
+        clean = ", ".join(f"{g} {fmt(tuple(base[g]['clean']))}" for g in ("single", "two") if "clean" in base.get(g, {}))
+        layers = ", ".join(f"{k} {fmt(tuple(v))}" for k, v in sorted(base.get("grounding", {}).items())
+                           if k.startswith("L") and "_" not in k)
+        lines += [""]
+        if clean:
+            lines.append(f"Gate 0 images with exactly as many objects as subjects (clean): {clean}.")
+        if layers:
+            lines.append(f"Gate 1 per layer (double blocks first): {layers}.")
     lines += ["", "Routing accuracy: the share of each subject's NOISE tokens routed to its own reference, late half of "
               "the steps, every layer; in brackets where dynamic routing is off (what S* would have chosen).",
               "", f"## Fig. 8 table: {cases} held-out cases per subject count x {len(seeds)} seeds, 64 px, 16 Euler steps",

@@ -33,7 +33,7 @@ ROWS: tuple[Row, ...] = (
     Row("three", "three subjects, MUSAR (full, trained at c = 2)", 3, "full", "musar toy train --variant full"),
 )
 COLUMNS: tuple[tuple[str, str], ...] = (
-    ("all_present", "all present"), ("fidelity", "attribute fidelity"), ("entanglement", "entanglement"),
+    ("all_present", "all present"), ("all_present_strict", "all present, strict"), ("fidelity", "attribute fidelity"), ("entanglement", "entanglement"),
     ("entanglement_same", "entanglement, same shape"), ("routing_all", "routing accuracy"),
     ("routing_all_same", "routing, same shape"), ("background", "background"), ("region", "region"),
     ("artefact", "diptych artefacts"),
