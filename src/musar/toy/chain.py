@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from musar.toy.variants import VARIANTS, variant_dir
+from musar.utils.io import atomic_write_json
 
 PAIRS = 3000
 
@@ -44,7 +45,7 @@ class _Progress:
         t0 = time.perf_counter()
         work()
         self.walls[name] = round(time.perf_counter() - t0, 1)
-        self.json_path.write_text(json.dumps(self.walls, indent=2))
+        atomic_write_json(self.json_path, self.walls)
         self.say(f"{name}: finished in {self.walls[name]:.0f}s")
 
 

@@ -7,7 +7,6 @@ the image, the references, routing maps and the analyser's verdict, and prints t
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from musar.toy.cases import Case, generate_case, make_cases
 from musar.toy.metrics import late_steps, routing_accuracy, scene_token_labels
 from musar.toy.sampling import AffinityTap, tapped
 from musar.toy.world import subject_phrase, where
-from musar.utils.io import atomic_write_json
+from musar.utils.io import atomic_write_json, atomic_write_text
 
 EXAMPLES = Path("examples/toy")
 DEMO_CASE = 4  # a same-shape held-out pair: the case routing exists for
@@ -57,11 +56,10 @@ def verdict_text(verdict: Verdict, phrases: tuple[str, ...], routing: float) -> 
 
 def run_demo(out: str | Path, seed: int = 0, examples: str | Path = EXAMPLES) -> str:
     """Generate the demo composition; returns the verdict text (also written to verdict.txt)."""
-    import numpy as np
     from PIL import Image
 
     from musar.pipelines.presets import load_pipeline
-    from musar.pipelines.routing_maps import route_overlay, save_routing_grid
+    from musar.pipelines.routing_maps import save_routing_maps
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -77,23 +75,20 @@ def run_demo(out: str | Path, seed: int = 0, examples: str | Path = EXAMPLES) ->
         images, result = generate_case(pipe, case, (seed,), return_routing=True, references=refs)
         tap.flush()
     image = images[0]
+    big = image.resize((256, 256), Image.NEAREST)
     image.save(out / "composition.png")
-    image.resize((256, 256), Image.NEAREST).save(out / "composition_x4.png")
+    big.save(out / "composition_x4.png")
     for name, ref in zip(("ref_a.png", "ref_b.png"), refs, strict=True):
         ref.save(out / name)
-    rec = result.routing  # type: ignore[attr-defined]
-    if rec is not None and rec.steps:
-        save_routing_grid(rec, result.grid, list(case.phrases), out / "routing_grid.png")  # type: ignore[attr-defined]
-        route_overlay(image.resize((256, 256), Image.NEAREST), rec.routes(rec.steps[-1])[0],
-                      result.grid).save(out / "route_overlay.png")  # type: ignore[attr-defined]
+    save_routing_maps(result, big, case.phrases, out)
     routes = tap.all_routes()  # (steps, layers, 1, n)
     steps = routes.shape[0]
-    accuracy = routing_accuracy(routes[late_steps(steps)], np.asarray(scene_token_labels(case.scene)))
+    accuracy = routing_accuracy(routes[late_steps(steps)], scene_token_labels(case.scene))
     verdict = evaluate(image, case.identities, case.scene)
     text = f"prompt: {case.prompt}\n" + verdict_text(verdict, case.phrases, accuracy) + "\n"
-    (out / "verdict.txt").write_text(text + "\nanalyser, in full:\n" + verdict.describe() + "\n")
-    (out / "demo.json").write_text(json.dumps({"prompt": case.prompt, "phrases": list(case.phrases), "seed": seed,
-                                               "both_present": verdict.all_present, "leaks": verdict.leaks,
-                                               "routing_accuracy": accuracy, "steps": steps,
-                                               "wall_s": round(time.perf_counter() - t0, 2)}, indent=2))
+    atomic_write_text(out / "verdict.txt", text + "\nanalyser, in full:\n" + verdict.describe() + "\n")
+    atomic_write_json(out / "demo.json", {"prompt": case.prompt, "phrases": list(case.phrases), "seed": seed,
+                                          "both_present": verdict.all_present, "leaks": verdict.leaks,
+                                          "routing_accuracy": accuracy, "steps": steps,
+                                          "wall_s": round(time.perf_counter() - t0, 2)})
     return text + f"wrote {out}/ (composition.png, routing_grid.png, route_overlay.png, verdict.txt) in {time.perf_counter() - t0:.1f}s"

@@ -21,7 +21,6 @@ the transformer and the text encoder train from random initialisation. On top of
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -32,17 +31,17 @@ from typing import Literal
 
 import torch
 
-from musar.models.attention import MusarAttnProcessor
 from musar.models.transformer import latent_image_ids
 from musar.pipelines.pipeline_musar import MusarPipeline
 from musar.toy.codec import CodecTrainConfig, ToyCodec, train_codec
 from musar.toy.grounding import grounding_loss
 from musar.toy.model import build_toy_pipeline, parameter_counts
 from musar.toy.pools import Pool, diptych_pool, scene_pool
-from musar.toy.sampling import AffinityTap, install_tap
+from musar.toy.sampling import AffinityTap, install_tap, remove_tap
 from musar.toy.text import freeze_text, mlm_pretrain
 from musar.train.config import ObjectiveConfig
 from musar.train.objective import flow_loss, interpolate, sample_timesteps, velocity_target
+from musar.utils.io import atomic_write_json
 
 
 @dataclass(frozen=True)
@@ -224,13 +223,12 @@ def _pretrain(
         ema.swap()  # the averaged weights are the ones saved
     for m in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2):
         m.eval().requires_grad_(False)
-    for block in (*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks):
-        block.attn.set_processor(MusarAttnProcessor())
+    remove_tap(pipe.transformer)
     base = out / "base"
     pipe.save_pretrained(base)
     info = {"config": asdict(cfg), "wall_s": round(time.perf_counter() - t0, 1), "loss_history": history,
             "codec": codec_info, "text": text_info, "params": parameter_counts(pipe), "probes": probes}
-    (out / "pretrain.json").write_text(json.dumps(info, indent=2))
+    atomic_write_json(out / "pretrain.json", info)
     log(f"pretrain: saved {base} after {info['wall_s']}s")
     return pipe, info
 
@@ -272,8 +270,7 @@ def _probe(
 ) -> dict[str, object] | None:
     modules = (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2)
     modes = [m.training for m in modules]
-    for block in (*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks):
-        block.attn.set_processor(MusarAttnProcessor())
+    remove_tap(pipe.transformer)
     for m in modules:
         m.eval()
     try:

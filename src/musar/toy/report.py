@@ -116,8 +116,8 @@ def run_report(
     grid_rows = [c.reference_images() + [samples[n][i] for n in two] for i, c in enumerate(case_sets[2][:8])]
     if two:
         _grid(grid_rows).save(dest / "grid.png")
-        (dest / "grid.txt").write_text("columns: reference A, reference B, " + ", ".join(two) + "\n"
-                                       + "\n".join(f"row {c.index}: {c.prompt}" for c in case_sets[2][:8]) + "\n")
+        atomic_write_text(dest / "grid.txt", "columns: reference A, reference B, " + ", ".join(two) + "\n"
+                          + "\n".join(f"row {c.index}: {c.prompt}" for c in case_sets[2][:8]) + "\n")
     log(f"toy report: wrote {dest / 'report.md'}")
     return results
 

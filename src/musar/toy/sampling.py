@@ -156,14 +156,28 @@ def tapped(transformer: torch.nn.Module, tap: AffinityTap) -> Iterator[AffinityT
     try:
         yield tap
     finally:
-        for block in _blocks(transformer):
-            block.attn.set_processor(MusarAttnProcessor())
+        remove_tap(transformer)
+
+
+def _swap(block: torch.nn.Module, new: MusarAttnProcessor) -> None:
+    # The layer's attention backend (set_attention_backend) stays what it was.
+    old = block.attn.processor
+    new._attention_backend = getattr(old, "_attention_backend", None)
+    new._parallel_config = getattr(old, "_parallel_config", None)
+    block.attn.set_processor(new)
 
 
 def install_tap(transformer: torch.nn.Module, tap: AffinityTap) -> None:
     """Install ``tap`` for good (pretraining keeps it for every step)."""
     for i, block in enumerate(_blocks(transformer)):
-        block.attn.set_processor(TapProcessor(tap, i))
+        _swap(block, TapProcessor(tap, i))
+
+
+def remove_tap(transformer: torch.nn.Module) -> None:
+    """Put plain :class:`MusarAttnProcessor` back wherever a tap is installed."""
+    for block in _blocks(transformer):
+        if isinstance(block.attn.processor, TapProcessor):
+            _swap(block, MusarAttnProcessor())
 
 
 def timesteps_for(pipe: MusarPipeline, tokens: int, steps: int = STEPS) -> torch.Tensor:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from musar.errors import MusarError
+from musar.utils.io import atomic_write_json
 
 DEFAULT_CONFIG = "configs/toy_musar.yaml"
 
@@ -120,7 +121,6 @@ def train_variant(
     t0 = time.perf_counter()
     result = train(cfg)
     wall = time.perf_counter() - t0
-    (folder / "wall.json").write_text(json.dumps({"variant": name, "wall_s": round(wall, 1), "steps": cfg.total_steps,
-                                                  "stage1_steps": cfg.curriculum.stage1_steps,
-                                                  "overrides": overrides}, indent=2))
+    atomic_write_json(folder / "wall.json", {"variant": name, "wall_s": round(wall, 1), "steps": cfg.total_steps,
+                                             "stage1_steps": cfg.curriculum.stage1_steps, "overrides": overrides})
     return Path(result.lora_path)
