@@ -276,6 +276,13 @@ class MusarAttnProcessor:
     _attention_backend: KernelBackend = None
     _parallel_config: Any = None
 
+    def keeping_backend_of(self, old: object) -> MusarAttnProcessor:
+        """This processor with ``old``'s attention backend and parallel config (what
+        ``set_attention_backend`` / ``enable_parallelism`` set on the processor it replaces)."""
+        self._attention_backend = getattr(old, "_attention_backend", None)
+        self._parallel_config = getattr(old, "_parallel_config", None)
+        return self
+
     def __call__(
         self,
         attn: torch.nn.Module,

@@ -120,10 +120,7 @@ class MusarTransformer(FluxTransformer2DModel):
             old = block.attn.processor
             if isinstance(old, MusarAttnProcessor):
                 continue
-            new = MusarAttnProcessor()
-            new._attention_backend = getattr(old, "_attention_backend", None)
-            new._parallel_config = getattr(old, "_parallel_config", None)
-            block.attn.set_processor(new)
+            block.attn.set_processor(MusarAttnProcessor().keeping_backend_of(old))
 
     def check_routing_processors(self) -> None:
         """Conditions need every attention layer to route: refuse rather than ignore them."""

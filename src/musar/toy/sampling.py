@@ -160,11 +160,7 @@ def tapped(transformer: torch.nn.Module, tap: AffinityTap) -> Iterator[AffinityT
 
 
 def _swap(block: torch.nn.Module, new: MusarAttnProcessor) -> None:
-    # The layer's attention backend (set_attention_backend) stays what it was.
-    old = block.attn.processor
-    new._attention_backend = getattr(old, "_attention_backend", None)
-    new._parallel_config = getattr(old, "_parallel_config", None)
-    block.attn.set_processor(new)
+    block.attn.set_processor(new.keeping_backend_of(block.attn.processor))
 
 
 def install_tap(transformer: torch.nn.Module, tap: AffinityTap) -> None:
