@@ -197,4 +197,4 @@ def test_multi_scenes_mix_counts_and_same_category_pairs() -> None:
     assert 0.3 < len(same) / len(multi) < 0.75
     assert {s.background for s in scenes} == set(BACKGROUNDS)
     with pytest.raises(MusarError):
-        make_multi_scenes(1, seed=0, max_objects=4)
+        make_multi_scenes(1, seed=0, max_objects=5)

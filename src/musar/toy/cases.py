@@ -69,11 +69,15 @@ def _compatible(a: Identity, b: Identity) -> bool:
 
 
 def make_cases(n: int, seed: int = 1234, size: int = IMAGE_SIZE, subjects: int = 2) -> list[Case]:
-    """``n`` deterministic held-out cases of ``subjects`` (1-3) test-split identities.
+    """``n`` deterministic held-out cases of ``subjects`` (1-4) test-split identities.
 
-    Two subjects: even indices pair one shape, odd ones two shapes. Three: even indices repeat a
-    shape (the first two share it). One: a single subject and its reference.
+    Two subjects: even indices pair one shape, odd ones two shapes. Three and four: even indices
+    repeat a shape (the first two share it), the others are all different. One: a single subject
+    and its reference. Case i depends only on (seed, i, subjects): ``make_cases(8)`` is a prefix
+    of ``make_cases(24)``.
     """
+    if subjects not in world.LAYOUTS:
+        raise ValueError(f"a case holds 1 to {max(world.LAYOUTS)} subjects, not {subjects}")
     cases: list[Case] = []
     for i in range(n):
         if subjects == 2:

@@ -19,10 +19,28 @@ from musar.utils.io import atomic_write_json, atomic_write_text
 
 EXAMPLES = Path("examples/toy")
 DEMO_CASE = 4  # a same-shape held-out pair: the case routing exists for
+# Fixed in a commit before the training of the weights shipped with issue 21, never changed after
+# seeing results: one case per subject count (index into make_cases(..., subjects=c) at the
+# report's seed), and a contact sheet of 8 more held-out cases drawn at their own seed.
+SCALE_CASES: dict[int, int] = {3: 0, 4: 0}
+SHEET_SEED = 4321
+SHEET_COUNTS: tuple[int, ...] = (2, 2, 2, 2, 3, 3, 4, 4)
 
 
 def demo_case() -> Case:
     return make_cases(DEMO_CASE + 1)[DEMO_CASE]
+
+
+def scale_case(subjects: int) -> Case:
+    """The demo's fixed case with ``subjects`` (3 or 4) references."""
+    index = SCALE_CASES[subjects]
+    return make_cases(index + 1, subjects=subjects)[index]
+
+
+def sheet_cases() -> list[Case]:
+    """The contact sheet's 8 held-out cases: case i of make_cases(8, SHEET_SEED, subjects=c_i)."""
+    per_count = {c: make_cases(len(SHEET_COUNTS), SHEET_SEED, subjects=c) for c in set(SHEET_COUNTS)}
+    return [per_count[c][i] for i, c in enumerate(SHEET_COUNTS)]
 
 
 def write_examples(folder: str | Path = EXAMPLES) -> Path:

@@ -3,7 +3,7 @@
 FLUX's noise tokens attend to the words of the subject they depict; dynamic routing relies on it
 (DESIGN sec. 9a). A 4M-parameter base trained for minutes does not learn that by itself (notes:
 routing accuracy 0.43 without this term, 1.00 with it). So base pretraining adds, on samples with
-two subjects:
+two or more subjects (every sample, with the background phrase as a candidate):
 
     in every attention layer, S* = the head-mean softmax of NOISE queries over the main-prompt
     keys (q/k exactly as attention uses them), averaged over each subject phrase's tokens, exactly

@@ -50,7 +50,7 @@ def scene_pool(
     rng = np.random.default_rng(seed + 101)
     briefs = [_flags(rng, len(s.placements), brief_prob) for s in scenes]
     captions = [world.caption(s, b) for s, b in zip(scenes, briefs, strict=True)]
-    targets = scene_targets(scenes, captions, briefs, tokenizer, max_length, background)
+    targets = scene_targets(scenes, captions, briefs, tokenizer, max_length, background, subjects=max_objects)
     return Pool(to_tensor([world.render_array(s) for s in scenes]), captions, targets)
 
 
