@@ -48,7 +48,7 @@ def _accuracy(scenes: list[Scene], noise: float = 0.0, seed: int = 0) -> dict[st
 @pytest.mark.parametrize(
     ("objects", "size", "n", "floor"),
     # At 32 px a 12 px subject holds barely three 3 px pattern units: patterns are read less surely.
-    [(1, 64, 300, 0.99), (2, 64, 300, 0.99), (3, 64, 150, 0.99), (2, 32, 100, 0.95), (2, 128, 60, 0.99)],
+    [(1, 64, 300, 0.99), (2, 64, 300, 0.99), (3, 64, 150, 0.99), (4, 64, 150, 0.99), (2, 32, 100, 0.95), (2, 128, 60, 0.99)],
 )
 def test_recovers_rendered_scenes(objects: int, size: int, n: int, floor: float) -> None:
     scenes = make_multi_scenes(

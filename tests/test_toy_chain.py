@@ -105,6 +105,7 @@ def test_pretrain_config_loads_the_shipped_recipe_and_refuses_typos() -> None:
 def test_shortened_end_to_end(tmp_path: Path) -> None:
     from musar.toy.chain import run_chain
     from musar.toy.pretrain import PretrainConfig, pretrain
+    from musar.toy.variants import VARIANTS
 
     out = tmp_path / "toy"
     tiny = ["steps=4", "batch_size=2", "scenes=16", "diptychs=8", "log_every=1", "codec.steps=2", "codec.batch_size=2",
@@ -113,7 +114,9 @@ def test_shortened_end_to_end(tmp_path: Path) -> None:
              "optim.batch_size=2", "optim.warmup_steps=1", "log_every=1")
     walls = run_chain(out, "configs/toy_base.yaml", "configs/toy_musar.yaml", threads=1, base_overrides=tuple(tiny),
                       train_overrides=short, report_args={"cases": 2, "seeds": (0,), "gate_cases": (2, 2)})
-    assert {"pretrain", "data", "train:full", "train:no_debias", "report"} <= set(walls)
+    assert {"pretrain", "data", "train", "report"} <= set(walls)
+    log = (out / "chain.log").read_text()
+    assert all(f"train:{name}: finished" in log for name in VARIANTS)  # every variant, in its own process
     info = json.loads((out / "pretrain.json").read_text())
     assert info["text"]["wall_s"] >= 0 and info["loss_history"][-1]["grounding"] >= 0
     again, info2 = pretrain(replace(PretrainConfig(steps=1, batch_size=2, scenes=8, diptychs=4, log_every=1),
@@ -125,7 +128,11 @@ def test_shortened_end_to_end(tmp_path: Path) -> None:
     assert "MUSAR (full)" in table and "routes given from the true layout" in table and "| 0: `single.shape`" in table
     saved = json.loads((out / "report" / "report.json").read_text())
     assert saved["full"]["rates"]["routing_all"][0] >= 0 and saved["single_stage1"]["subjects"] == 1
-    assert saved["three"]["subjects"] == 3
+    assert saved["three"]["subjects"] == 3 and saved["four"]["subjects"] == 4
+    assert saved["full"]["members"] == ["full", "full_seed1", "full_seed2"] and len(saved["four"]["seed_rates"]) == 3
+    assert saved["four_no_dynamic"]["subjects"] == 4 and "seed_rates" in saved["four_no_dynamic"]
+    assert "| 4: `four.pattern`" in table and "four > four_no_dynamic" in table
+    assert json.loads((out / "musar" / "full_seed1" / "wall.json").read_text())["overrides"].count("seed=1") == 1
     assert saved["given_routes"]["rates"]["routing_all"][0] == 1.0  # boxes from the true layout route every token right
     assert json.loads((out / "musar" / "full" / "wall.json").read_text())["steps"] == 4
     # A second call finds every stage done and redoes none of them.

@@ -1,6 +1,6 @@
 """``musar toy``: the toy world's whole chain, stage by stage or in one command (issue 8).
 
-    musar toy all --out runs/toy            # pretrain -> data -> 4 MUSAR variants -> gates + report
+    musar toy all --out runs/toy            # pretrain -> data -> MUSAR variants (2 at a time) -> gates + report
     musar toy pretrain --out runs/toy       # base model -> runs/toy/base
     musar toy data --out runs/toy           # Subjects200K-schema pairs -> runs/toy/pairs.parquet
     musar toy train --out runs/toy --variant full   # one variant (musar train + overrides)
@@ -42,84 +42,38 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="override a recipe key, e.g. steps=500 or codec.steps=100")
     d = s.add_parser("data", help="write the Subjects200K-schema toy pairs (training identities)")
     _add_common(d)
-    d.add_argument("--pairs", type=int, default=3000)
+    d.add_argument("--pairs", type=int, default=3000, help="number of pairs (default 3000)")
     t = s.add_parser("train", help="train one MUSAR variant with musar train")
     _add_common(t)
-    t.add_argument("--variant", default="full", choices=list(VARIANTS))
-    t.add_argument("--config", default=DEFAULT_CONFIG)
-    t.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
+    t.add_argument("--variant", default="full", choices=list(VARIANTS), help="which variant (default full; docs/toy.md)")
+    t.add_argument("--config", default=DEFAULT_CONFIG, help=f"musar train config (default {DEFAULT_CONFIG})")
+    t.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
+                   help="override a musar train key, e.g. curriculum.stage1_steps=100")
     t.add_argument("--force", action="store_true", help="retrain even if the variant's LoRA exists")
     r = s.add_parser("report", help="gates and the Fig. 8 table on held-out cases")
     _add_common(r)
-    r.add_argument("--cases", type=int, default=24)
-    r.add_argument("--seeds", type=int, default=2)
-    r.add_argument("--rows", nargs="+", default=None, choices=[x.name for x in ROWS])
+    r.add_argument("--cases", type=int, default=24, help="held-out cases per subject count (default 24)")
+    r.add_argument("--seeds", type=int, default=2, help="sampling seeds per case (default 2)")
+    r.add_argument("--rows", nargs="+", default=None, choices=[x.name for x in ROWS], metavar="ROW",
+                   help="rows to score (default all): " + ", ".join(x.name for x in ROWS))
     r.add_argument("--no-base-gates", action="store_true", help="skip the base's gate 0/1 probes")
     sh = s.add_parser("ship", help="copy the trained base and full LoRA into src/musar/assets/toy")
     _add_common(sh)
     al = s.add_parser("all", help="pretrain, data, all variants, report (skips finished stages)")
     _add_common(al)
-    al.add_argument("--config", default=DEFAULT_CONFIG)
-    al.add_argument("--base-config", default=BASE_CONFIG)
+    al.add_argument("--config", default=DEFAULT_CONFIG, help=f"musar train config of every variant (default {DEFAULT_CONFIG})")
+    al.add_argument("--base-config", default=BASE_CONFIG, help=f"pretraining recipe (default {BASE_CONFIG})")
+    al.add_argument("--jobs", type=int, default=2, help="variants trained side by side, one process each (default 2)")
     de = s.add_parser("demo", help="compose two toy references with the shipped weights; print the verdict")
     de.add_argument("--out", default="outputs/toy_demo", metavar="DIR")
-    de.add_argument("--seed", type=int, default=0)
+    de.add_argument("--seed", type=int, default=0, help="sampling seed of the fixed cases (default 0)")
     de.add_argument("--write-examples", action="store_true", help="(re)write examples/toy/ reference PNGs first")
     p.set_defaults(func=run)
 
 
-def _pretrain(out: Path, config: str | None, overrides: list[str], threads: int | None) -> None:
-    from musar.toy.pretrain import load_pretrain_config, pretrain
-
-    extra = [f"threads={threads}"] if threads else []
-    pretrain(load_pretrain_config(config, [*overrides, *extra]), out)
-
-
-def _data(out: Path, pairs: int) -> Path:
-    from musar.toy.world import write_pairs_parquet
-
-    out.mkdir(parents=True, exist_ok=True)
-    # Brief naming: the subject's look must come from the other view (see musar.toy.cases).
-    return write_pairs_parquet(pairs, out / "pairs.parquet", seed=1, size=64, brief=True)
-
-
-def _train_extra(overrides: list[str], threads: int | None) -> tuple[str, ...]:
-    return (*overrides, *([f"model.cpu_threads={threads}"] if threads else []))
-
-
-def ship(out: Path) -> Path:
-    """Copy ``out/base`` and the full variant's LoRA into the package's assets (a few MB)."""
-    import shutil
-
-    from musar.errors import MusarError
-    from musar.toy.model import ASSETS, SHIPPED_BASE, SHIPPED_LORA
-    from musar.toy.variants import variant_dir
-
-    lora = variant_dir(out, "full") / "lora.safetensors"
-    if not (out / "base" / "model_index.json").is_file() or not lora.is_file():
-        raise MusarError(f"nothing to ship: need {out / 'base'} and {lora} (run musar toy all first)")
-    ASSETS.mkdir(parents=True, exist_ok=True)
-    if SHIPPED_BASE.exists():
-        shutil.rmtree(SHIPPED_BASE)
-    shutil.copytree(out / "base", SHIPPED_BASE)
-    _halve(SHIPPED_BASE / "transformer" / "diffusion_pytorch_model.safetensors")
-    shutil.copyfile(lora, SHIPPED_LORA)
-    return ASSETS
-
-
-def _halve(path: Path) -> None:
-    """Store the base transformer in fp16 (16 -> 8 MB); ``from_pretrained(torch_dtype=float32)``
-    upcasts it on load. The LoRA stays fp32 (3 MB)."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-    save_file({k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, str(path), metadata=meta)
-
-
 def run(args: argparse.Namespace) -> int:
+    from musar.toy import stages
+
     cmd = args.toy_command
     if cmd == "demo":
         from musar.toy.demo import run_demo, write_examples
@@ -130,23 +84,23 @@ def run(args: argparse.Namespace) -> int:
         return 0
     out = Path(args.out)
     if cmd == "pretrain":
-        _pretrain(out, args.config, args.overrides, args.threads)
+        stages.pretrain(out, args.config, args.overrides, args.threads)
     elif cmd == "data":
-        print(f"wrote {_data(out, args.pairs)}")
+        print(f"wrote {stages.data(out, args.pairs)}")
     elif cmd == "train":
         from musar.toy.variants import train_variant
 
-        extra = _train_extra(args.overrides, args.threads)
+        extra = stages.train_extra(args.overrides, args.threads)
         print(f"LoRA: {train_variant(args.variant, out, args.config, extra, args.force)}")
     elif cmd == "report":
         from musar.toy.report import run_report
 
         run_report(out, args.rows, args.cases, tuple(range(args.seeds)), base_gates=not args.no_base_gates)
     elif cmd == "ship":
-        print(f"shipped to {ship(out)}")
+        print(f"shipped to {stages.ship(out)}")
     elif cmd == "all":
         from musar.toy.chain import run_chain
 
-        run_chain(out, args.base_config, args.config, args.threads)
+        run_chain(out, args.base_config, args.config, args.threads, jobs=args.jobs)
     return 0
 

@@ -1,15 +1,25 @@
-"""``musar toy demo``: a real two-subject composition from the shipped toy weights, on CPU.
+"""``musar toy demo``: real compositions of two, three and four subjects from the shipped toy weights, on CPU.
 
-Loads ``load_pipeline(preset="toy")`` (trained base + full MUSAR LoRA, package data), composes the
-two reference images under ``examples/toy/`` (rendered from held-out identities if missing), writes
-the image, the references, routing maps and the analyser's verdict, and prints the verdict.
+Loads ``load_pipeline(preset="toy")`` (trained base + full MUSAR LoRA, package data) and
+
+* composes the two reference images under ``examples/toy/`` (rendered from held-out identities if
+  missing), a fixed three-subject and a fixed four-subject case, each with its routing maps and the
+  analyser's verdict;
+* draws a contact sheet of 8 more held-out cases, each framed green (composed right) or red;
+* prints "k of N composed right" and what failed.
+
+Every case was fixed in a commit before the training of the shipped weights (issue 21).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from PIL import Image, ImageDraw
+
+from musar.pipelines.routing_maps import save_routing_maps
 from musar.toy.analyser import Verdict, evaluate, object_phrase
 from musar.toy.cases import Case, generate_case, make_cases
 from musar.toy.metrics import late_steps, routing_accuracy, scene_token_labels
@@ -55,6 +65,11 @@ def write_examples(folder: str | Path = EXAMPLES) -> Path:
     return folder
 
 
+def composed_right(verdict: Verdict) -> bool:
+    """Every reference drawn (shape and body colour) and no attribute leaked between them."""
+    return verdict.all_present and verdict.leaks == 0
+
+
 def verdict_text(verdict: Verdict, phrases: tuple[str, ...], routing: float) -> str:
     """A few lines a person reads at a glance: what each reference became, leaks, routing."""
     lines = []
@@ -65,48 +80,107 @@ def verdict_text(verdict: Verdict, phrases: tuple[str, ...], routing: float) -> 
         lines.append(f"  {phrase!r} <- {ref}: drew {seen} ({sum(sub.matches)}/4 attributes)")
     ground = "as prompted" if verdict.background_ok else "NOT as prompted"
     lines.append(f"  background {verdict.analysis.background} ({ground}); routing accuracy {routing:.2f}")
-    ok = verdict.all_present and verdict.leaks == 0
+    n = len(phrases)
     problems = ([] if verdict.all_present else ["a subject is missing or wrong"]) + (
         [f"{verdict.leaks} attribute(s) leaked between subjects"] if verdict.leaks else [])
-    lines.append("verdict: " + ("both subjects present, nothing leaked" if ok else "; ".join(problems)))
+    everyone = "both subjects" if n == 2 else f"all {n} subjects"
+    lines.append("verdict: " + (f"{everyone} present, nothing leaked" if composed_right(verdict) else "; ".join(problems)))
     return "\n".join(lines)
 
 
-def run_demo(out: str | Path, seed: int = 0, examples: str | Path = EXAMPLES) -> str:
-    """Generate the demo composition; returns the verdict text (also written to verdict.txt)."""
-    from PIL import Image
+@dataclass
+class Composed:
+    case: Case
+    image: Image.Image
+    verdict: Verdict
+    routing: float
+    result: object  # the pipeline output with its routing record
 
+    @property
+    def right(self) -> bool:
+        return composed_right(self.verdict)
+
+
+def compose(pipe: object, case: Case, seed: int, refs: list[Image.Image] | None = None) -> Composed:
+    """Generate ``case`` at ``seed`` with the routing tap on; score it with the analyser."""
+    tap = AffinityTap()
+    with tapped(pipe.transformer, tap):  # type: ignore[attr-defined]
+        images, result = generate_case(pipe, case, (seed,), return_routing=True, references=refs)  # type: ignore[arg-type]
+        tap.flush()
+    routes = tap.all_routes()  # (steps, layers, 1, n)
+    accuracy = routing_accuracy(routes[late_steps(routes.shape[0])], scene_token_labels(case.scene))
+    return Composed(case, images[0], evaluate(images[0], case.identities, case.scene), accuracy, result)
+
+
+def _write_case(done: Composed, folder: Path, refs: list[Image.Image]) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    big = done.image.resize((256, 256), Image.NEAREST)
+    done.image.save(folder / "composition.png")
+    big.save(folder / "composition_x4.png")
+    for i, ref in enumerate(refs):
+        ref.save(folder / f"ref_{'abcd'[i]}.png")
+    save_routing_maps(done.result, big, done.case.phrases, folder)  # type: ignore[arg-type]
+    text = f"prompt: {done.case.prompt}\n" + verdict_text(done.verdict, done.case.phrases, done.routing) + "\n"
+    atomic_write_text(folder / "verdict.txt", text + "\nanalyser, in full:\n" + done.verdict.describe() + "\n")
+    return text
+
+
+def contact_sheet(done: list[Composed], scale: int = 2, pad: int = 4) -> Image.Image:
+    """One row per case: its references, then the output framed green (composed right) or red."""
+    side = 64 * scale
+    cols = 1 + max(len(d.case.identities) for d in done)
+    sheet = Image.new("RGB", (cols * (side + pad) + pad, len(done) * (side + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for y, d in enumerate(done):
+        top = pad + y * (side + pad)
+        for x, ref in enumerate(d.case.reference_images()):
+            sheet.paste(ref.resize((side, side), Image.NEAREST), (pad + x * (side + pad), top))
+        left = pad + (cols - 1) * (side + pad)
+        draw.rectangle([left - 3, top - 3, left + side + 2, top + side + 2], fill=(30, 170, 60) if d.right else (210, 30, 30))
+        sheet.paste(d.image.resize((side, side), Image.NEAREST), (left, top))
+    return sheet
+
+
+def run_demo(out: str | Path, seed: int = 0, examples: str | Path = EXAMPLES) -> str:
+    """The fixed two-, three- and four-subject cases (verdicts, routing maps) and the 8-case
+    contact sheet; returns the printed text (also written to verdict.txt and demo.json)."""
     from musar.pipelines.presets import load_pipeline
-    from musar.pipelines.routing_maps import save_routing_maps
 
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    pipe = load_pipeline(preset="toy", device="cpu")
     case = demo_case()
     refs = case.reference_images()
     ex = Path(examples)
     if (ex / "ref_a.png").is_file() and (ex / "ref_b.png").is_file():
         refs = [Image.open(ex / "ref_a.png").convert("RGB"), Image.open(ex / "ref_b.png").convert("RGB")]
-    pipe = load_pipeline(preset="toy", device="cpu")
-    tap = AffinityTap()
-    with tapped(pipe.transformer, tap):
-        images, result = generate_case(pipe, case, (seed,), return_routing=True, references=refs)
-        tap.flush()
-    image = images[0]
-    big = image.resize((256, 256), Image.NEAREST)
-    image.save(out / "composition.png")
-    big.save(out / "composition_x4.png")
-    for name, ref in zip(("ref_a.png", "ref_b.png"), refs, strict=True):
-        ref.save(out / name)
-    save_routing_maps(result, big, case.phrases, out)
-    routes = tap.all_routes()  # (steps, layers, 1, n)
-    steps = routes.shape[0]
-    accuracy = routing_accuracy(routes[late_steps(steps)], scene_token_labels(case.scene))
-    verdict = evaluate(image, case.identities, case.scene)
-    text = f"prompt: {case.prompt}\n" + verdict_text(verdict, case.phrases, accuracy) + "\n"
-    atomic_write_text(out / "verdict.txt", text + "\nanalyser, in full:\n" + verdict.describe() + "\n")
-    atomic_write_json(out / "demo.json", {"prompt": case.prompt, "phrases": list(case.phrases), "seed": seed,
-                                          "both_present": verdict.all_present, "leaks": verdict.leaks,
-                                          "routing_accuracy": accuracy, "steps": steps,
-                                          "wall_s": round(time.perf_counter() - t0, 2)})
-    return text + f"wrote {out}/ (composition.png, routing_grid.png, route_overlay.png, verdict.txt) in {time.perf_counter() - t0:.1f}s"
+    fixed = [(case, refs, out)] + [(scale_case(c), scale_case(c).reference_images(), out / f"{c}_subjects") for c in SCALE_CASES]
+    texts, record = [], []
+    for c, r, folder in fixed:
+        done = compose(pipe, c, seed, r)
+        texts.append(_write_case(done, folder, r))
+        record.append({"subjects": len(c.identities), "prompt": c.prompt, "phrases": list(c.phrases), "right": done.right,
+                       "all_present": done.verdict.all_present, "leaks": done.verdict.leaks, "routing_accuracy": done.routing,
+                       "folder": str(folder)})
+    sheet = [compose(pipe, c, seed) for c in sheet_cases()]
+    contact_sheet(sheet).save(out / "contact_sheet.png")
+    marks = [d.right for d in sheet]
+    everything = [r["right"] for r in record] + marks
+    failed = [f"{r['subjects']}-subject fixed case" for r in record if not r["right"]] + [
+        f"sheet case {i} ({len(d.case.identities)} subjects: {'; '.join(_problems(d.verdict))})"
+        for i, d in enumerate(sheet) if not d.right]
+    summary = (f"{sum(everything)} of {len(everything)} composed right (fixed cases {sum(r['right'] for r in record)} of "
+               f"{len(record)}, contact sheet {sum(marks)} of {len(marks)})\n"
+               + ("failed: " + ", ".join(failed) if failed else "nothing failed") + "\n")
+    text = "\n".join(texts) + "\ncontact sheet (contact_sheet.png, green = composed right): " + " ".join(
+        "ok" if m else "x" for m in marks) + "\n" + summary
+    atomic_write_json(out / "demo.json", {"seed": seed, "fixed": record, "sheet": [
+        {"subjects": len(d.case.identities), "prompt": d.case.prompt, "right": d.right, "routing_accuracy": d.routing} for d in sheet],
+        "composed_right": sum(everything), "cases": len(everything), "wall_s": round(time.perf_counter() - t0, 2)})
+    return text + f"wrote {out}/ (composition.png, routing_grid.png, 3_subjects/, 4_subjects/, contact_sheet.png) in {time.perf_counter() - t0:.1f}s"
+
+
+def _problems(verdict: Verdict) -> list[str]:
+    return (["a subject missing or wrong"] if not verdict.all_present else []) + (
+        [f"{verdict.leaks} leaked"] if verdict.leaks else [])

@@ -25,7 +25,7 @@ from musar.toy.metrics import attribute_rates, diptych_artefact, entanglement, f
 from musar.toy.model import load_toy_pipeline
 from musar.toy.rows import COLUMNS, ROWS, Row
 from musar.toy.sampling import sample_text_only
-from musar.toy.variants import get_variant, stage1_lora, variant_dir
+from musar.toy.variants import get_variant, stage1_lora, trained_members, variant_dir
 from musar.toy.world import render_scene
 from musar.utils.io import atomic_write_json, atomic_write_text
 
@@ -45,7 +45,10 @@ def _score(images: Sequence[Image.Image], cases: Sequence[Case], per_case: int) 
     return rates, [v.describe() for v in verdicts]
 
 
-def _generate(row: Row, out: Path, cases: Sequence[Case], seeds: Sequence[int]) -> tuple[Rates, list[str], list[Image.Image]]:
+def _generate(
+    row: Row, out: Path, cases: Sequence[Case], seeds: Sequence[int], member: str | None = None,
+) -> tuple[Rates, list[str], list[Image.Image]]:
+    """One row's images and scores; ``member``: which trained variant of the row's family."""
     if row.name == "codec":
         vae = load_toy_pipeline(out / "base").vae
         images = [codec_round_trip(vae, render_scene(c.scene)) for c in cases for _ in seeds]
@@ -56,14 +59,32 @@ def _generate(row: Row, out: Path, cases: Sequence[Case], seeds: Sequence[int]) 
         images = sample_text_only(pipe, [c.prompt for c in cases for _ in seeds], [s for _ in cases for s in seeds])
         rates, verdicts = _score(images, cases, len(seeds))
         return rates, verdicts, images
-    variant = get_variant(row.variant)
-    lora = stage1_lora(out, row.variant) if row.stage1 else variant_dir(out, row.variant) / "lora.safetensors"
+    name = member or row.variant
+    variant = get_variant(name)
+    lora = stage1_lora(out, name) if row.stage1 else variant_dir(out, name) / "lora.safetensors"
     pipe = load_toy_pipeline(out / "base", lora=lora)
     rates, _, images = probes.customization(pipe, cases, seeds, variant.static_routing, variant.dynamic_routing,
                                             routes_from=row.routes_from)
     scored, verdicts = _score(images, cases, len(seeds))
     scored.update({k: v for k, v in rates.items() if k.startswith("routing_")})
     return scored, verdicts, images
+
+
+def combine_seeds(per_seed: Sequence[Rates]) -> Rates:
+    """One row's rates over training seeds: the mean of the seeds' means, with the standard error
+    across seeds (one seed: its own standard error over images)."""
+    if len(per_seed) == 1:
+        return dict(per_seed[0])
+    out: Rates = {}
+    for key in per_seed[0]:
+        means = [r[key][0] for r in per_seed if key in r and not math.isnan(r[key][0])]
+        if not means:
+            out[key] = (math.nan, math.nan)
+            continue
+        m = sum(means) / len(means)
+        sd = math.sqrt(sum((x - m) ** 2 for x in means) / (len(means) - 1)) if len(means) > 1 else math.nan
+        out[key] = (m, sd / math.sqrt(len(means)))
+    return out
 
 
 def _grid(rows: list[list[Image.Image]], scale: int = 2, pad: int = 2) -> Image.Image:
@@ -88,23 +109,37 @@ def run_report(
     dest = Path(report_dir) if report_dir is not None else out / "report"
     dest.mkdir(parents=True, exist_ok=True)
     chosen = [r for r in ROWS if (rows is None or r.name in rows)]
-    case_sets = {k: make_cases(cases, subjects=k) for k in (1, 2, 3)}
+    case_sets = {k: make_cases(cases, subjects=k) for k in sorted({r.subjects for r in chosen})}
     results: dict[str, dict[str, object]] = {}
     samples: dict[str, list[Image.Image]] = {}
     for row in chosen:
-        if row.variant and not (variant_dir(out, row.variant) / "lora.safetensors").is_file():
+        members: list[str | None] = list(trained_members(out, row.variant)) if row.variant else [None]
+        members = members if row.every_seed else members[:1]
+        if not members:
             results[row.name] = {"label": row.label, "skipped": f"variant {row.variant} not trained"}
             continue
         t0 = time.perf_counter()
-        rates, verdicts, images = _generate(row, out, case_sets[row.subjects], seeds)
-        results[row.name] = {"label": row.label, "command": row.command, "subjects": row.subjects,
-                             "rates": {k: list(v) for k, v in rates.items()}, "verdicts": verdicts,
-                             "generate_wall_s": round(time.perf_counter() - t0, 1)}
-        wall = variant_dir(out, row.variant) / "wall.json" if row.variant else None
-        if wall is not None and wall.is_file():
-            results[row.name]["train_wall_s"] = json.loads(wall.read_text())["wall_s"]
-        samples[row.name] = images[:: len(seeds)]
-        log(f"toy report {row.name}: " + ", ".join(f"{h} {fmt(rates.get(k, (math.nan, math.nan)))}" for k, h in COLUMNS))
+        per_seed, entry = [], {"label": row.label, "command": row.command, "subjects": row.subjects}
+        walls = []
+        for member in members:
+            rates, verdicts, images = _generate(row, out, case_sets[row.subjects], seeds, member)
+            per_seed.append(rates)
+            entry.setdefault("verdicts", verdicts)
+            samples.setdefault(row.name, images[:: len(seeds)])
+            wall = variant_dir(out, member) / "wall.json" if member else None
+            if wall is not None and wall.is_file():
+                walls.append(json.loads(wall.read_text())["wall_s"])
+        rates = combine_seeds(per_seed)
+        entry["rates"] = {k: list(v) for k, v in rates.items()}
+        if row.variant:
+            entry["members"] = members
+            entry["seed_rates"] = [{k: list(v) for k, v in r.items()} for r in per_seed]
+        if walls:
+            entry["train_wall_s"] = round(sum(walls) / len(walls), 1)
+        entry["generate_wall_s"] = round(time.perf_counter() - t0, 1)
+        results[row.name] = entry
+        log(f"toy report {row.name} ({len(members)} training seed(s)): "
+            + ", ".join(f"{h} {fmt(rates.get(k, (math.nan, math.nan)))}" for k, h in COLUMNS))
     if base_gates:
         t0 = time.perf_counter()
         measured = gates.base_gates(load_toy_pipeline(out / "base"), *gate_cases, seeds=seeds)
@@ -122,21 +157,51 @@ def run_report(
     return results
 
 
-def gate_results(results: dict[str, dict[str, object]]) -> dict[str, Rates]:
-    """The measured groups :func:`musar.toy.gates.check` reads, from a report's results."""
+CUSTOM_GROUPS = (("custom1", "single_stage1"), ("custom2", "full"), ("custom3", "three"), ("custom4", "four"))
+
+
+def gate_results(results: dict[str, dict[str, object]]) -> tuple[dict[str, Rates], dict[str, list[Rates]]]:
+    """The measured groups :func:`musar.toy.gates.check` reads, from a report's results, and for
+    the groups measured over several training seeds, each seed's rates."""
     out: dict[str, Rates] = {k: {kk: tuple(vv) for kk, vv in v.items()}  # type: ignore[misc]
                              for k, v in results.get("base_gates", {}).items()}
-    for group, row in (("custom1", "single_stage1"), ("custom2", "full")):
+    per_seed: dict[str, list[Rates]] = {}
+    for group, row in CUSTOM_GROUPS:
         rates = results.get(row, {}).get("rates")
         if rates:
             out[group] = {k: tuple(v) for k, v in rates.items()}  # type: ignore[union-attr,misc]
+            per_seed[group] = [{k: tuple(v) for k, v in r.items()}  # type: ignore[misc]
+                               for r in results[row].get("seed_rates", [])]  # type: ignore[union-attr]
+    return out, per_seed
+
+
+def claims(results: dict[str, dict[str, object]]) -> list[tuple[str, str, bool | None]]:
+    """Issue 21's comparison: ``full`` beats ``no_dynamic`` on all present at c = 3 and 4 by more
+    than two standard errors of the difference, in every training seed of ``full``."""
+    out = []
+    for full, ablated in (("full", "no_dynamic"), ("three", "three_no_dynamic"), ("four", "four_no_dynamic")):
+        a, b = results.get(full, {}), results.get(ablated, {})
+        if "seed_rates" not in a or "rates" not in b:
+            out.append((f"{full} > {ablated}", "not measured", None))
+            continue
+        nb, sb = b["rates"]["all_present"]  # type: ignore[index]
+        texts, oks = [], []
+        for r in a["seed_rates"]:  # type: ignore[union-attr]
+            na, sa = r["all_present"]
+            margin = 2 * math.sqrt(sa**2 + sb**2)
+            oks.append(na - nb > margin)
+            texts.append(f"{na:.2f} vs {nb:.2f} (needs > {nb + margin:.2f})")
+        out.append((f"{full} > {ablated}, all present", "; ".join(texts), all(oks)))
     return out
 
 
 def render_markdown(results: dict[str, dict[str, object]], cases: int, seeds: Sequence[int]) -> str:
     lines = ["## Gates (held-out identities; mean ± standard error)", "", "| gate | measured | result |", "|---|---|---|"]
-    for gate, key, text, ok in gates.check(gate_results(results)):
+    for gate, key, text, ok in gates.check(*gate_results(results)):
         lines.append(f"| {gate}: `{key}` | {text} | {'pass' if ok else ('-' if ok is None else 'MISS')} |")
+    lines += ["", "| claim (every training seed of full) | measured | result |", "|---|---|---|"]
+    for name, text, ok in claims(results):
+        lines.append(f"| {name} | {text} | {'holds' if ok else ('-' if ok is None else 'FAILS')} |")
     base = results.get("base_gates", {})
     if base:
         clean = ", ".join(f"{g} {fmt(tuple(base[g]['clean']))}" for g in ("single", "two") if "clean" in base.get(g, {}))
@@ -149,6 +214,8 @@ def render_markdown(results: dict[str, dict[str, object]], cases: int, seeds: Se
             lines.append(f"Gate 1 per layer (double blocks first): {layers}.")
     lines += ["", "Routing accuracy: the share of each subject's NOISE tokens routed to its own reference, late half of "
               "the steps, every layer; in brackets where dynamic routing is off (what S* would have chosen).",
+              "Rows trained from several seeds show the mean over the seeds ± its standard error across seeds, then "
+              "[lowest–highest seed]; other rows show ± the standard error over images.",
               "", f"## Fig. 8 table: {cases} held-out cases per subject count x {len(seeds)} seeds, 64 px, 16 Euler steps",
               "", "| row | " + " | ".join(h for _, h in COLUMNS) + " | train wall (s) | reproduce |",
               "|---" * (len(COLUMNS) + 3) + "|"]
@@ -161,9 +228,16 @@ def render_markdown(results: dict[str, dict[str, object]], cases: int, seeds: Se
             continue
         rates = {k: tuple(v) for k, v in r["rates"].items()}  # type: ignore[union-attr]
         cells = [fmt(rates.get(k, (math.nan, math.nan))) for k, _ in COLUMNS]  # type: ignore[arg-type]
+        seed_rates = r.get("seed_rates", [])
+        if len(seed_rates) > 1:  # the spread over training seeds, after the mean and its error
+            for i, (k, _) in enumerate(COLUMNS):
+                vals = [sr[k][0] for sr in seed_rates if k in sr and not math.isnan(sr[k][0])]  # type: ignore[index]
+                if vals and cells[i] != "n/a":
+                    cells[i] += f" [{min(vals):.2f}–{max(vals):.2f}]"
         if row.variant is not None and not get_variant(row.variant).dynamic_routing:
             # no route is taken: the column shows where S* *would* route, in brackets
             cells = [f"({c})" if k.startswith("routing_") and c != "n/a" else c for c, (k, _) in zip(cells, COLUMNS, strict=True)]
-        lines.append(f"| {row.label} | " + " | ".join(cells) + f" | {r.get('train_wall_s', '')} | `{row.command}` |")
+        label = row.label + (f" ({len(seed_rates)} training seeds)" if len(seed_rates) > 1 else "")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {r.get('train_wall_s', '')} | `{row.command}` |")
     return "\n".join(lines) + "\n"
 

@@ -8,6 +8,9 @@ too (routing), the generation settings, so a variant is measured the way it was 
 * ``no_debias``: the debiasing off: no static routing (every token sees every token) and one
   ``shared`` LoRA on every row instead of the dual branch. Dynamic routing stays on.
 * ``no_diptych``: single-subject data only: the whole step budget in curriculum stage 1.
+* ``full_seed1``, ``full_seed2``: ``full`` trained from other seeds (``seed=1``, ``seed=2``) on the
+  same base, so the table gives every ``full`` row as a mean and spread over three runs
+  (:data:`FAMILIES`) and a gate on it holds only if it holds in every seed.
 """
 
 from __future__ import annotations
@@ -32,17 +35,30 @@ class Variant:
     dynamic_routing: bool = True
     stage1_only: bool = False
     keep_stage1: bool = False  # also keep the LoRA as it was at the end of curriculum stage 1 (gate 2)
+    family: str = ""  # the variant this one repeats from another training seed ("" = itself)
+
+    @property
+    def family_name(self) -> str:
+        return self.family or self.name
 
 
+# Training order (``musar toy all`` trains them two at a time): what the headline claims need first.
 VARIANTS: dict[str, Variant] = {
     v.name: v
     for v in (
         Variant("full", "MUSAR (full)", (), keep_stage1=True),
         Variant("no_dynamic", "w/o dynamic routing", ("routing.dynamic=false",), dynamic_routing=False),
+        *(Variant(f"full_seed{k}", f"MUSAR (full), training seed {k}", (f"seed={k}",), keep_stage1=True, family="full")
+          for k in (1, 2)),
         Variant("no_debias", "w/o debiasing (no static routing, shared LoRA)",
                 ("routing.static=false", "lora.mode=shared"), static_routing=False),
         Variant("no_diptych", "w/o diptych data (stage 1 only)", (), stage1_only=True),
     )
+}
+# Each variant and its repeats from other training seeds, in training order.
+FAMILIES: dict[str, tuple[str, ...]] = {
+    name: tuple(v.name for v in VARIANTS.values() if v.family_name == name)
+    for name in dict.fromkeys(v.family_name for v in VARIANTS.values())
 }
 
 
@@ -54,6 +70,11 @@ def get_variant(name: str) -> Variant:
 
 def variant_dir(out: str | Path, name: str) -> Path:
     return Path(out) / "musar" / name
+
+
+def trained_members(out: str | Path, family: str) -> list[str]:
+    """The variants of ``family`` (itself and its seed repeats) whose LoRA exists under ``out``."""
+    return [n for n in FAMILIES.get(family, (family,)) if (variant_dir(out, n) / "lora.safetensors").is_file()]
 
 
 def variant_overrides(
