@@ -4,7 +4,11 @@ Only the chosen subcommand's module is imported, and each subcommand module impo
 heavy (torch, diffusers, gradio, datasets) until its ``run`` function is called, so ``musar
 --help`` and ``musar X --help`` do not pay for a model stack they will not use. A user error
 (:class:`~musar.errors.MusarError`) becomes one line on stderr and exit code 2. Every argument is
-checked (:mod:`musar.cli.args`) before the command's ``run`` starts.
+checked (:mod:`musar.cli.args`) before the command's ``run`` starts. One error boundary
+(:func:`musar.errors.describe_failure`) turns every failure the user can act on (bad input, an
+unreadable or hostile file, a full disk, out of memory) into one line: exit 2 for input, 1 for
+a run that failed on the machine. A bug keeps its traceback; ``musar --traceback ...`` shows the
+traceback of handled failures too.
 
 Subcommands are registered by module name: ``add_parser(subparsers)`` builds the parser and sets
 ``func(args) -> int``. The miniature world's ``toy`` command lives in its own package and is
@@ -19,7 +23,7 @@ import sys
 from collections.abc import Collection, Sequence
 
 from musar.cli.args import validate
-from musar.errors import MusarError
+from musar.errors import describe_failure
 
 # name -> (module providing `add_parser(subparsers)`, one-line help shown by `musar --help`)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -42,6 +46,8 @@ def build_parser(full: Collection[str] | None = None) -> argparse.ArgumentParser
     """The top-level parser with the full parsers of the ``full`` subcommands (default: all) and
     one-line stubs for the others (``musar --help`` needs nothing more)."""
     parser = _Parser(prog="musar", description="MUSAR multi-subject customization for FLUX.1-dev.")
+    parser.add_argument("--traceback", action="store_true",
+                        help="show the full traceback of a failure instead of its one-line message (for bug reports)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():
         if full is None or name in full:
@@ -67,9 +73,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         validate(args)  # every argument's deferred checks, before the command imports anything heavy
         return int(args.func(args) or 0)
-    except MusarError as e:
-        print(f"musar {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"musar {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # the one boundary: describe_failure decides what is a bug
+        failure = describe_failure(e)
+        if failure is None or args.traceback:
+            raise
+        code, line = failure
+        print(f"musar {args.command}: error: {line}", file=sys.stderr)
+        return code
