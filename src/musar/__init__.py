@@ -18,7 +18,7 @@ _EXPORTS: dict[str, str] = {
     "MusarPipeline": "musar.pipelines.pipeline_musar",
     "MusarPipelineOutput": "musar.pipelines.pipeline_musar",
     "MusarTransformer": "musar.models.transformer",
-    "ConditionInputs": "musar.models.transformer",
+    "ConditionInputs": "musar.models.forward_inputs",
     "RoutingOptions": "musar.models.options",
     "TokenLayout": "musar.models.layout",
     "BranchLoRAConfig": "musar.lora.config",

@@ -8,6 +8,7 @@
 * :mod:`~musar.models.fast` — the ``fast`` backend (grouped unmasked calls);
 * :mod:`~musar.models.flex` — the FlexAttention backend;
 * :mod:`~musar.models.blocks` — FLUX block forwards with per-token-kind modulation;
+* :mod:`~musar.models.forward_inputs` — the forward's conditions and position ids;
 * :mod:`~musar.models.transformer` — :class:`MusarTransformer` (a ``FluxTransformer2DModel``);
 * :mod:`~musar.models.cache` — the condition K/V cache.
 """
@@ -26,10 +27,10 @@ _EXPORTS: dict[str, str] = {
     "MusarAttnProcessor": "musar.models.attention",
     "RouteRecord": "musar.models.attention",
     "ConditionCache": "musar.models.cache",
-    "ConditionInputs": "musar.models.transformer",
+    "ConditionInputs": "musar.models.forward_inputs",
     "MusarTransformer": "musar.models.transformer",
-    "condition_image_ids": "musar.models.transformer",
-    "latent_image_ids": "musar.models.transformer",
+    "condition_image_ids": "musar.models.forward_inputs",
+    "latent_image_ids": "musar.models.forward_inputs",
 }
 
 __all__ = sorted(_EXPORTS)

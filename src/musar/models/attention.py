@@ -1,12 +1,13 @@
 """Routed joint attention: a diffusers attention processor plus interchangeable backends.
 
 :class:`MusarAttnProcessor` plugs into diffusers' ``FluxAttention`` seam (``set_processor``).
-It computes q/k/v with the module's own projections, RMSNorms and diffusers' RoPE, then hands
+It computes q/k/v with the module's own projections (the fused ``to_qkv`` / ``to_added_qkv`` after
+``fuse_qkv_projections()``, as FLUX's processor does), RMSNorms and diffusers' RoPE, then hands
 them to :class:`LayerRouting`, which
 
-1. derives each NOISE query's route from the *same* q/k (dynamic routing, DESIGN sec. 4), as
+1. derives each NOISE query's route from the *same* q/k (dynamic routing, docs/design.md sec. 4), as
    one fused attention call (:func:`~musar.models.routing.subject_affinity_fused`), restricted
-   to the token's given route candidates if any (layout boxes, DESIGN sec. 4a; a token without
+   to the token's given route candidates if any (layout boxes, docs/design.md sec. 4a; a token without
    candidates gets the "no condition" route, which every backend below honours), and
 2. runs the attention under the routing rules with one of the backends:
 
@@ -37,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
+from torch import nn
 
 from musar.errors import MusarError
 from musar.models.dispatch import KernelBackend, attention, check_backend, masked_attention
@@ -80,7 +82,7 @@ class RoutingContext:
     ``cache_write=True``: q/k/v hold the condition rows of a condition-only ``layout`` and
     every layer's k/v are stored into the cache.
 
-    ``candidates`` (B, n, c) bool: given routes (DESIGN sec. 4a). Where dynamic routing acts,
+    ``candidates`` (B, n, c) bool: given routes (docs/design.md sec. 4a). Where dynamic routing acts,
     each NOISE token is routed by S* among its candidates only, and to no condition when it has
     none; where it does not act (off, before ``start_layer`` / ``start_step``) they do nothing.
     """
@@ -264,6 +266,44 @@ class LayerRouting:
         return fast_routed_attention(q, k, v, layout, routes, **rules, q_map=q_map, k_map=k_map, backend=backend)
 
 
+def plain_qkv_projections(attn: nn.Module) -> bool:
+    """Whether ``attn``'s q/k/v projections are bare linears, so a fused copy computes the same.
+
+    A LoRA wrapper (MUSAR's branch host or a peft layer) is no ``nn.Linear``: fused projections
+    hold only its base weight and would drop the LoRA.
+    """
+    names = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
+    return all(isinstance(getattr(attn, n), nn.Linear) for n in names if getattr(attn, n, None) is not None)
+
+
+QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def qkv_projections(
+    attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None
+) -> tuple[QKV, QKV | None]:
+    """q, k, v of the image (or joint) stream and of the text stream, (B, L, H*d) each.
+
+    After ``fuse_qkv_projections()`` one matmul per stream (``to_qkv`` / ``to_added_qkv``), as
+    diffusers' ``_get_qkv_projections``; refused if a LoRA was put on q/k/v after fusing, which
+    the fused copies would silently leave out.
+    """
+    if attn.fused_projections:
+        if not plain_qkv_projections(attn):
+            raise MusarError(
+                "q/k/v projections were fused and then given a LoRA, which the fused projections leave out; "
+                "call transformer.unfuse_qkv_projections() (fuse again once the LoRA is unloaded)"
+            )
+        image = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        text = None if encoder_hidden_states is None else attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1)
+        return image, text
+    image = (attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states))
+    if encoder_hidden_states is None:
+        return image, None
+    e = encoder_hidden_states
+    return image, (attn.add_q_proj(e), attn.add_k_proj(e), attn.add_v_proj(e))
+
+
 class MusarAttnProcessor:
     """Drop-in replacement for diffusers' ``FluxAttnProcessor`` that routes attention.
 
@@ -295,15 +335,14 @@ class MusarAttnProcessor:
         def heads(x: torch.Tensor) -> torch.Tensor:
             return x.unflatten(-1, (-1, attn.head_dim))
 
-        query = attn.norm_q(heads(attn.to_q(hidden_states)))
-        key = attn.norm_k(heads(attn.to_k(hidden_states)))
-        value = heads(attn.to_v(hidden_states))
+        (q, k, v), text = qkv_projections(attn, hidden_states, encoder_hidden_states)
+        query, key, value = attn.norm_q(heads(q)), attn.norm_k(heads(k)), heads(v)
         text_len = 0
-        if encoder_hidden_states is not None:
-            text_len = encoder_hidden_states.shape[1]
-            query = torch.cat([attn.norm_added_q(heads(attn.add_q_proj(encoder_hidden_states))), query], dim=1)
-            key = torch.cat([attn.norm_added_k(heads(attn.add_k_proj(encoder_hidden_states))), key], dim=1)
-            value = torch.cat([heads(attn.add_v_proj(encoder_hidden_states)), value], dim=1)
+        if text is not None:
+            text_len = text[0].shape[1]
+            query = torch.cat([attn.norm_added_q(heads(text[0])), query], dim=1)
+            key = torch.cat([attn.norm_added_k(heads(text[1])), key], dim=1)
+            value = torch.cat([heads(text[2]), value], dim=1)
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)

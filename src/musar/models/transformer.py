@@ -6,10 +6,13 @@ It *is* a diffusers ``FluxTransformer2DModel`` (same modules, same config, same
 * appends each condition's image latents to the image stream and its phrase embedding to the
   text stream (layout in :mod:`musar.models.layout`),
 * modulates condition rows with ``temb(t_cond)`` (t_cond = 0 by default),
-* gives condition tokens their own position ids (:func:`condition_image_ids`),
+* gives condition tokens their own position ids (:func:`~musar.models.forward_inputs.condition_image_ids`),
 * threads a :class:`~musar.models.attention.RoutingContext` through every block's attention.
 
-With no conditions it computes exactly what ``FluxTransformer2DModel.forward`` computes. With
+With no conditions it computes exactly what ``FluxTransformer2DModel.forward`` computes, and it
+keeps that method's contract: ``joint_attention_kwargs`` (``scale`` scales every LoRA for the call,
+as diffusers' ``apply_lora_scale`` does; MUSAR's own inputs may travel in it too) and checkpointing
+through ``enable_gradient_checkpointing(gradient_checkpointing_func=...)``. With
 ``independent_conditions`` the condition rows can be computed once per image
 (:meth:`MusarTransformer.build_condition_cache`) and every step then runs only the PROMPT and
 NOISE rows (``forward(..., condition_cache=cache)``), see :mod:`musar.models.cache`.
@@ -18,77 +21,28 @@ NOISE rows (``forward(..., condition_cache=cache)``), see :mod:`musar.models.cac
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from diffusers import FluxTransformer2DModel
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
-from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
-from torch.utils.checkpoint import checkpoint
+from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
 
 from musar.errors import MusarError
-from musar.models.attention import MusarAttnProcessor, RouteRecord, RoutingContext
+from musar.models.attention import MusarAttnProcessor, RouteRecord, RoutingContext, plain_qkv_projections
 from musar.models.blocks import double_block_forward, single_block_forward
 from musar.models.cache import ConditionCache
+
+# The forward's inputs live in forward_inputs.py; ConditionInputs and the id grids stay importable
+# from here, where the pipeline, training, the benchmarks and the README import them.
+from musar.models.forward_inputs import ConditionInputs, check_candidates, split_joint_attention_kwargs
+from musar.models.forward_inputs import condition_image_ids as condition_image_ids
+from musar.models.forward_inputs import latent_image_ids as latent_image_ids
 from musar.models.layout import TokenLayout
 from musar.models.options import RoutingOptions
 from musar.models.routing import check_spans
-
-
-@dataclass
-class ConditionInputs:
-    """The c reference conditions of one batch (every sample has the same c)."""
-
-    image_latents: Sequence[torch.Tensor]  # c x (B, n'_k, in_channels), packed like FLUX latents
-    text_embeds: Sequence[torch.Tensor]  # c x (B, m'_k, joint_attention_dim): T5 output of phrase k
-    image_ids: Sequence[torch.Tensor]  # c x (n'_k, 3) position ids, see condition_image_ids
-    spans: torch.Tensor | None = None  # (B, c, 2): (start, length) of phrase k in the main prompt
-    timestep: float = 0.0  # t_cond: condition rows are modulated with temb(t_cond)
-    # (B, n, c) bool: the conditions each NOISE token may be routed to (given routes, DESIGN
-    # sec. 4a; musar.models.boxes builds them from boxes). None = S* decides among all.
-    candidates: torch.Tensor | None = None
-
-    def __post_init__(self) -> None:
-        c = len(self.image_latents)
-        if not (len(self.text_embeds) == len(self.image_ids) == c):
-            raise ValueError("conditions need as many text embeddings and id grids as image latents")
-        if self.spans is not None and self.spans.shape[1] != c:
-            raise ValueError(f"spans describe {self.spans.shape[1]} subjects for {c} conditions")
-        cand = self.candidates
-        if cand is not None and (cand.dim() != 3 or cand.shape[2] != c or cand.dtype != torch.bool):
-            raise ValueError(f"route candidates must be (B, n, {c}) booleans, got {cand.dtype} {tuple(cand.shape)}")
-
-    @property
-    def num(self) -> int:
-        return len(self.image_latents)
-
-
-def check_candidates(candidates: torch.Tensor | None, batch: int, noise: int) -> None:
-    """Route candidates must cover every NOISE token of every sample."""
-    if candidates is not None and tuple(candidates.shape[:2]) != (batch, noise):
-        raise ValueError(
-            f"route candidates cover {tuple(candidates.shape[:2])} (batch, noise tokens); the forward has ({batch}, {noise})"
-        )
-
-
-def latent_image_ids(height_tokens: int, width_tokens: int, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
-    """FLUX's (h*w, 3) position ids of a packed latent grid (axis 0 unused, 1 = row, 2 = column)."""
-    return FluxPipeline._prepare_latent_image_ids(1, height_tokens, width_tokens, device, dtype)
-
-
-def condition_image_ids(
-    index: int, height_tokens: int, width_tokens: int, device: torch.device | str, dtype: torch.dtype
-) -> torch.Tensor:
-    """Ids of reference ``index``: the target's grid shifted left by (index + 1) condition widths.
-
-    OminiControl/XVerse lineage (DESIGN sec. 2): conditions sit side by side to the left of the
-    target in RoPE space, so they never share positions with it or with each other.
-    """
-    ids = latent_image_ids(height_tokens, width_tokens, device, dtype)
-    ids[:, 2] -= (index + 1) * width_tokens
-    return ids
 
 
 class MusarTransformer(FluxTransformer2DModel):
@@ -134,6 +88,46 @@ class MusarTransformer(FluxTransformer2DModel):
                         "call transformer.use_musar_attention() first, or pass no conditions"
                     )
 
+    def fuse_qkv_projections(self) -> None:
+        """diffusers' ``fuse_qkv_projections``, refused while a LoRA adapts q/k/v.
+
+        The fused ``to_qkv`` / ``to_added_qkv`` are copies of the base weights, so they would
+        silently drop such a LoRA (unload it first, after ``fuse_lora`` to keep its effect). The MUSAR processors stay installed:
+        they read the fused projections themselves (:class:`MusarAttnProcessor`).
+        """
+        for name, module in self.named_modules():
+            if hasattr(module, "fuse_projections") and not plain_qkv_projections(module):
+                raise MusarError(
+                    f"{name} has a LoRA on its q/k/v projections, which fused projections would drop; "
+                    "unload the LoRA (after fuse_lora() to keep its effect) before fuse_qkv_projections()"
+                )
+        super().fuse_qkv_projections()
+
+    @contextmanager
+    def scaled_loras(self, scale: float) -> Iterator[None]:
+        """Scale every LoRA by ``scale`` inside the ``with`` statement, restored on exit (even on error).
+
+        peft LoRAs (loaded through diffusers) are scaled as diffusers' ``apply_lora_scale`` does;
+        the MUSAR branch LoRA's weight (``RowPlan.branch_scale``, set by ``set_adapters``) is
+        multiplied by the same factor.
+        """
+        if scale == 1.0:
+            yield
+            return
+        plan = self.lora_plan
+        previous = plan.branch_scale if plan is not None else 1.0
+        if USE_PEFT_BACKEND:
+            scale_lora_layers(self, scale)
+        try:
+            if plan is not None:
+                plan.branch_scale = previous * scale
+            yield
+        finally:
+            if plan is not None:
+                plan.branch_scale = previous
+            if USE_PEFT_BACKEND:
+                unscale_lora_layers(self, scale)
+
     def compile_repeated_blocks(self, **compile_kwargs: Any) -> None:
         """Regional ``torch.compile``, as diffusers' method of that name: the blocks, not the model.
 
@@ -166,30 +160,51 @@ class MusarTransformer(FluxTransformer2DModel):
         img_ids: torch.Tensor,
         txt_ids: torch.Tensor,
         guidance: torch.Tensor | None = None,
+        joint_attention_kwargs: dict[str, Any] | None = None,
         conditions: ConditionInputs | None = None,
         routing: RoutingOptions | None = None,
-        step_index: int = 0,
+        step_index: int | None = None,
         capture: Callable[[RouteRecord], None] | None = None,
         return_dict: bool = True,
         condition_cache: ConditionCache | None = None,
     ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
         """Predict the flow for the NOISE tokens.
 
-        The first seven arguments mean what they mean for ``FluxTransformer2DModel.forward``
-        (timestep and guidance in [0, 1]). ``conditions`` adds the references; ``routing`` picks
-        routing options (defaults: the paper's); ``step_index`` is the denoising step (for
-        ``RoutingOptions.start_step``); ``capture`` receives every routing decision.
+        The first eight arguments mean what they mean for ``FluxTransformer2DModel.forward``
+        (timestep and guidance in [0, 1]); ``joint_attention_kwargs`` may hold ``scale`` (every
+        LoRA's weight for this call, see :meth:`scaled_loras`) and any of the MUSAR arguments below
+        (each given one way only). ``conditions`` adds the references; ``routing`` picks routing
+        options (defaults: the paper's); ``step_index`` is the denoising step (for
+        ``RoutingOptions.start_step``; default 0); ``capture`` receives every routing decision.
         ``condition_cache`` (instead of ``conditions``) reads the references' keys/values from
         :meth:`build_condition_cache`; ``routing`` then defaults to the cache's options.
         """
+        explicit = {
+            "conditions": conditions, "routing": routing, "step_index": step_index,
+            "capture": capture, "condition_cache": condition_cache,
+        }
+        scale, musar = split_joint_attention_kwargs(joint_attention_kwargs, explicit)
+        with self.scaled_loras(scale):
+            output = self._forward(
+                hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance, **musar
+            )
+        return Transformer2DModelOutput(sample=output) if return_dict else (output,)
+
+    def _forward(
+        self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, pooled_projections: torch.Tensor,
+        timestep: torch.Tensor, img_ids: torch.Tensor, txt_ids: torch.Tensor, guidance: torch.Tensor | None, *,
+        conditions: ConditionInputs | None, routing: RoutingOptions | None, step_index: int | None,
+        capture: Callable[[RouteRecord], None] | None, condition_cache: ConditionCache | None,
+    ) -> torch.Tensor:
+        """:meth:`forward` once its inputs are resolved: the predicted flow of the NOISE tokens."""
+        step_index = step_index or 0
         if condition_cache is not None:
             if conditions is not None and conditions.num > 0:
                 raise ValueError("pass either conditions or a condition_cache, not both")
-            output = self._cached_forward(
+            return self._cached_forward(
                 hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
                 guidance, condition_cache, routing, step_index, capture,
             )
-            return Transformer2DModelOutput(sample=output) if return_dict else (output,)
         batch = hidden_states.shape[0]
         cond = conditions if conditions is not None and conditions.num > 0 else None
         layout = TokenLayout(
@@ -231,11 +246,7 @@ class MusarTransformer(FluxTransformer2DModel):
             candidates=candidates,
         )
         joint = self._run_blocks(image, text, temb, temb_cond, rotary, layout, ctx)
-        noise = joint[:, layout.noise_slice]
-        output = self.proj_out(self.norm_out(noise, temb))
-        if not return_dict:
-            return (output,)
-        return Transformer2DModelOutput(sample=output)
+        return self.proj_out(self.norm_out(joint[:, layout.noise_slice], temb))
 
     def _run_blocks(
         self,
@@ -357,6 +368,13 @@ class MusarTransformer(FluxTransformer2DModel):
         return self.proj_out(self.norm_out(joint[:, streams.noise_slice], temb))
 
     def _maybe_checkpoint(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run one block function, checkpointed as diffusers' models do when enabled.
+
+        The checkpoint function set by ``enable_gradient_checkpointing`` is called once per block
+        with the callable to recompute first, as diffusers calls it with a block (its default
+        runs ``fn.__call__(*args)``). Here that callable is MUSAR's block function and the block
+        is its first argument, since MUSAR does not run ``block.forward``.
+        """
         if torch.is_grad_enabled() and self.gradient_checkpointing:
-            return checkpoint(fn, *args, use_reentrant=False)
+            return self._gradient_checkpointing_func(fn, *args)
         return fn(*args)
