@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from musar.cli.args import HelpFormatter
 from musar.data.defaults import DEFAULT_PADDING, DEFAULT_QUALITY_THRESHOLD, SUBJECTS200K_HUB_ID
 from musar.errors import MusarError
 from musar.utils.io import check_writable
@@ -25,40 +26,43 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--source",
         default=SUBJECTS200K_HUB_ID,
-        help=f"local parquet file/folder or hub dataset id (default {SUBJECTS200K_HUB_ID})",
+        help="local parquet file/folder or hub dataset id",
     )
     p.add_argument(
-        "--limit", type=COUNT, default=None, help="read only the first N rows (streams hub data)"
+        "--limit", type=COUNT, default=None,
+        help=f"read only the first N rows, streaming hub data (default: all; 'preview' of a hub id: {HUB_PREVIEW_LIMIT})",
     )
     p.add_argument(
         "--quality",
         type=int,
         default=DEFAULT_QUALITY_THRESHOLD,
-        help=f"keep rows whose every quality score is >= this (default {DEFAULT_QUALITY_THRESHOLD})",
+        help="keep rows whose every quality score is >= this",
     )
     p.add_argument(
         "--padding",
         type=int,
         default=DEFAULT_PADDING,
-        help=f"padding around each view in the pair images, px (default {DEFAULT_PADDING})",
+        help="padding around each view in the pair images, px",
     )
     p.add_argument("--cache-dir", default=None, help="datasets cache folder (default: the HF cache)")
 
 
 def add_parser(subparsers: Any) -> None:
     """Register ``musar data {preview,stats}``."""
-    data = subparsers.add_parser("data", help="inspect the training data", description=__doc__)
-    sub = data.add_subparsers(dest="data_command", required=True)
+    data = subparsers.add_parser("data", help="inspect the training data", description=__doc__, formatter_class=HelpFormatter)
+    sub = data.add_subparsers(dest="data_command", required=True, help="what to do with the data")
 
-    p = sub.add_parser("preview", help="write a contact sheet and samples.jsonl of one curriculum stage")
+    p = sub.add_parser("preview", help="write a contact sheet and samples.jsonl of one curriculum stage",
+                       formatter_class=HelpFormatter)
     _add_source_args(p)
-    p.add_argument("--stage", type=int, choices=(1, 2, 3), default=1, help="curriculum stage (default 1)")
-    p.add_argument("--n", type=COUNT, default=8, help="number of samples (default 8)")
+    p.add_argument("--stage", type=int, choices=(1, 2, 3), default=1, help="curriculum stage")
+    p.add_argument("--n", type=COUNT, default=8, help="number of samples (an integer >= 1)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the sample draw")
     p.set_defaults(func=run_preview)
 
-    p = sub.add_parser("stats", help="print row counts after filtering, overall and per category")
+    p = sub.add_parser("stats", help="print row counts after filtering, overall and per category",
+                       formatter_class=HelpFormatter)
     _add_source_args(p)
     p.add_argument(
         "--check-images", action="store_true", help="also decode every image to count corrupt ones"

@@ -17,7 +17,7 @@ from typing import Any
 
 from PIL import Image
 
-from musar.cli.args import add, add_attention, each, value
+from musar.cli.args import HelpFormatter, add, add_attention, add_threads, each, torch_threads, value
 from musar.errors import MusarError
 from musar.eval.protocols import DEFAULT_SEEDS, PROTOCOLS, build_cases
 from musar.pipelines import quantization_spec as quant
@@ -73,40 +73,47 @@ def add_parser(subparsers: Any) -> None:
         description="Generate every case for every seed (resumable), score it and write cases.csv, "
         "summary.json, table.md and image grids under --out. 'musar eval compare DIR...' prints one "
         "table across finished runs.",
+        formatter_class=HelpFormatter,
     )
-    add(p, "--protocol", choices=PROTOCOLS, help="which cases to run")
-    add(p, "--data", check=value(_check_data), help="DreamBench folder (dreambench-*) or JSON cases file (custom)")
+    add(p, "--protocol", choices=PROTOCOLS, help="which cases to run (required, except for 'compare')")
+    add(p, "--data", check=value(_check_data),
+        help="DreamBench folder (dreambench-*) or JSON cases file (custom) (required, except for 'compare')")
     src = p.add_mutually_exclusive_group()
-    add(src, "--model", check=value(check_model_source), help="base model: hub id or local folder")
+    add(src, "--model", check=value(check_model_source),
+        help="base model: hub id or local folder (default: black-forest-labs/FLUX.1-dev unless --preset)")
     add(src, "--preset", check=value(check_preset_name),
-        help="built-in model preset, e.g. 'tiny' (random weights, for smoke tests)")
-    add(p, "--lora", check=value(check_lora_file), help="MUSAR LoRA file (.safetensors)")
+        help="built-in model preset instead of --model, e.g. 'tiny' (random weights, for smoke tests) (default: none)")
+    add(p, "--lora", check=value(check_lora_file), help="MUSAR LoRA file (.safetensors) (default: none, the base model)")
     add(p, "--seeds", type=SEED, nargs="+", default=list(DEFAULT_SEEDS), check=_check_seeds,
-        help=f"default: 0 1 2 3 (each an {SEED.describe()}, no repeats)")
-    add(p, "--limit", type=COUNT, help="evaluate only the first N cases")
+        help=f"noise seeds, each an {SEED.describe()}, no repeats")
+    add(p, "--limit", type=COUNT, help="evaluate only the first N cases (default: all)")
     add(p, "--ablation", choices=list(ABLATIONS), default="none", help="paper ablation to apply")
     add(p, "--dino-model", default=None, check=value(_check_metric_model),
-        help="DINO ViT-S/16: hub id[@rev] or local folder")
+        help="DINO ViT-S/16: hub id[@rev] or local folder (default: facebook/dino-vits16)")
     add(p, "--clip-model", default=None, check=value(_check_metric_model),
-        help="CLIP ViT-B/32: hub id[@rev] or local folder")
-    add(p, "--out", check=value(check_output_dir), help="run folder (re-running the same command resumes)")
+        help="CLIP ViT-B/32: hub id[@rev] or local folder (default: openai/clip-vit-base-patch32)")
+    add(p, "--out", check=value(check_output_dir),
+        help="run folder; re-running the same command resumes (required, except for 'compare')")
     add(p, "--label", help="row name in tables (default: model + LoRA + ablation)")
-    add(p, "--height", type=HEIGHT, default=512, help=HEIGHT.describe())
-    add(p, "--width", type=WIDTH, default=512, help=WIDTH.describe())
+    add(p, "--height", type=HEIGHT, default=512, help=f"output height ({HEIGHT.describe()})")
+    add(p, "--width", type=WIDTH, default=512, help=f"output width ({WIDTH.describe()})")
     add(p, "--steps", type=STEPS, default=28, help=f"denoising steps ({STEPS.describe()})")
     add(p, "--guidance", type=GUIDANCE, default=3.5, help=f"FLUX guidance scale ({GUIDANCE.describe()})")
-    add(p, "--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    add(p, "--dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
+        help="weights dtype of a --model (presets keep their own, fp32)")
     add(p, "--quantize", choices=quant.QUANTIZE_CHOICES, default="none", metavar=quant.METAVAR, help=quant.HELP,
         check=value(quant.check_quantize_arg))
     add_attention(p)
-    add(p, "--metrics-batch-size", type=METRICS_BATCH, default=32, help=METRICS_BATCH.describe())
+    add_threads(p)
+    add(p, "--metrics-batch-size", type=METRICS_BATCH, default=32,
+        help=f"images per metric model batch ({METRICS_BATCH.describe()})")
     add(p, "--skip-metrics", action="store_true", help="only generate images and grids")
     add(p, "--no-grids", action="store_true", help="do not write per-case image grids")
     # One entry point for both forms: which parser's set_defaults wins for nested subparsers has
     # changed between Python releases, so dispatch on the subcommand name instead.
     p.set_defaults(func=eval_command)
-    sub = p.add_subparsers(dest="eval_command", metavar="compare")
-    c = sub.add_parser("compare", help="one Table-1 table across evaluation folders")
+    sub = p.add_subparsers(dest="eval_command", metavar="compare", help="instead of a run: compare finished runs")
+    c = sub.add_parser("compare", help="one Table-1 table across evaluation folders", formatter_class=HelpFormatter)
     add(c, "dirs", nargs="+", check=each(check_input_dir), help="run folders written by 'musar eval'")
 
 
@@ -219,6 +226,13 @@ def run_command(args: argparse.Namespace) -> int:
     for path in sorted({p for case in cases for s in case.subjects for p in (s.image, *s.metric_references)}):
         check_image(path)  # headers only: a bomb or a non-image fails now, not hours in
     settings = _settings(args)
+    # The threads in force are recorded in summary.json; they are resume-free
+    # (musar.eval.runner.RESUME_FREE_SETTINGS), so a run may continue with other --threads.
+    with torch_threads(args.threads) as threads:
+        return _evaluate(args, cases, {**settings, **threads})
+
+
+def _evaluate(args: argparse.Namespace, cases: list[Any], settings: dict[str, Any]) -> int:
     metrics = None
     if not args.skip_metrics:
         # Loaded before the generator so a missing metric model fails in seconds, not hours.

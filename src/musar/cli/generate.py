@@ -1,4 +1,9 @@
-"""``musar generate``: one image from a prompt and N subjects, with a reproducibility sidecar."""
+"""``musar generate``: one image from a prompt and N subjects, with a reproducibility sidecar.
+
+Sizes, steps, guidance and token counts left out come from the preset
+(:func:`musar.pipelines.presets.generation_defaults`: the toy preset draws 64x64 in 16 steps),
+else FLUX.1's; a flag always wins. The sidecar records the values used.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +13,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from musar.cli.args import add, add_attention, value
+from musar.cli.args import HelpFormatter, add, add_attention, add_threads, torch_threads, value
 from musar.errors import MusarError
+from musar.models.boxes import DEFAULT_OUTSIDE, OUTSIDE_POLICIES
 from musar.pipelines import quantization_spec as quant
 from musar.utils.io import atomic_write_json, write_image_and_sidecar
 from musar.utils.validation import (
+    CONDITION_FITS,
     CONDITION_SIZE,
+    DEFAULT_CONDITION_FIT,
     DEFAULT_MAX_IMAGE_PIXELS,
     GUIDANCE,
     HEIGHT,
@@ -21,6 +29,7 @@ from musar.utils.validation import (
     SEED,
     STEPS,
     WIDTH,
+    Number,
     check_image_output,
     check_lora_file,
     check_model_source,
@@ -30,9 +39,29 @@ from musar.utils.validation import (
     sidecar_path,
 )
 
+# FLUX.1's generation defaults as --help states them (MusarPipeline.__call__'s own, which
+# musar.pipelines.presets.FLUX_GENERATION reads; that module imports torch, so a test keeps the two
+# equal). Flags left out take the preset's default, else these.
+FLUX_DEFAULTS: dict[str, int | float] = {
+    "height": 1024, "width": 1024, "steps": 28, "guidance": 3.5, "condition_size": 512,
+    "phrase_tokens": 32, "max_sequence_length": 512,
+}
+GENERATION_FLAGS = tuple(FLUX_DEFAULTS)
+# T5 token counts: FLUX.1's T5 reads at most 512 tokens (diffusers' FluxPipeline refuses more).
+PHRASE_TOKENS = Number("phrase tokens", int, 1, 512, why="T5 tokens per subject phrase; FLUX's T5 reads 512 at most")
+PROMPT_TOKENS = Number("max sequence length", int, 1, 512, why="T5 tokens of the main prompt; FLUX's T5 reads 512 at most")
+
+
+def _preset_default(name: str) -> str:
+    return f"(default: the preset's, else FLUX's {FLUX_DEFAULTS[name]})"
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="generate an image from a prompt and reference subjects")
+    p = sub.add_parser(
+        "generate", help="generate an image from a prompt and reference subjects", formatter_class=HelpFormatter,
+        description="One image from a prompt and N reference subjects, and a .json sidecar with every value used. "
+        "Sizes, steps, guidance and token counts left out come from --preset (toy: 64x64, 16 steps), else FLUX.1's.",
+    )
     add(p, "--prompt", required=True, type=nonempty_text("prompt"), help="main prompt; must contain every subject phrase")
     add(
         p, "--subject", nargs=2, action="append", metavar=("IMAGE", "PHRASE"), required=True, check=_check_subjects,
@@ -40,38 +69,47 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     src = p.add_mutually_exclusive_group()
     add(src, "--model", default=None, check=value(check_model_source),
-        help="hub id or local folder of FLUX.1 (default black-forest-labs/FLUX.1-dev)")
+        help="hub id or local folder of FLUX.1 (default: black-forest-labs/FLUX.1-dev unless --preset)")
     add(src, "--preset", default=None, check=value(check_preset_name),
-        help="a registered preset: 'tiny' (random weights, smoke runs) or 'toy' (no download)")
-    add(p, "--lora", default=None, check=value(check_lora_file), help="MUSAR LoRA weights (.safetensors)")
-    add(p, "--steps", type=STEPS, default=28, help=f"denoising steps ({STEPS.describe()})")
-    add(p, "--guidance", type=GUIDANCE, default=3.5, help=f"FLUX guidance scale ({GUIDANCE.describe()})")
+        help="a registered preset instead of --model: 'tiny' (random weights, smoke runs) or 'toy' (no download); "
+        "it also sets the defaults of --height, --width, --steps, --guidance, --condition-size, --phrase-tokens "
+        "and --max-sequence-length (default: none, FLUX.1)")
+    add(p, "--lora", default=None, check=value(check_lora_file),
+        help="MUSAR LoRA weights (.safetensors) (default: none; a preset's own where it has one)")
+    add(p, "--steps", type=STEPS, default=None, help=f"denoising steps ({STEPS.describe()}) {_preset_default('steps')}")
+    add(p, "--guidance", type=GUIDANCE, default=None,
+        help=f"FLUX guidance scale ({GUIDANCE.describe()}) {_preset_default('guidance')}")
     add(p, "--seed", type=SEED, default=0, help=f"noise seed ({SEED.describe()})")
-    add(p, "--height", type=HEIGHT, default=1024, help=f"output height ({HEIGHT.describe()})")
-    add(p, "--width", type=WIDTH, default=1024, help=f"output width ({WIDTH.describe()})")
-    add(p, "--condition-size", type=CONDITION_SIZE, default=512,
-        help=f"reference images are resized to this square ({CONDITION_SIZE.describe()})")
-    add(p, "--condition-fit", choices=["pad", "crop"], default="pad", help="keep aspect by padding, or centre-crop")
+    add(p, "--height", type=HEIGHT, default=None, help=f"output height ({HEIGHT.describe()}) {_preset_default('height')}")
+    add(p, "--width", type=WIDTH, default=None, help=f"output width ({WIDTH.describe()}) {_preset_default('width')}")
+    add(p, "--condition-size", type=CONDITION_SIZE, default=None,
+        help=f"reference images are resized to this square ({CONDITION_SIZE.describe()}) {_preset_default('condition_size')}")
+    add(p, "--condition-fit", choices=CONDITION_FITS, default=DEFAULT_CONDITION_FIT, help="keep aspect by padding, or centre-crop")
+    add(p, "--phrase-tokens", type=PHRASE_TOKENS, default=None, metavar="N",
+        help=f"T5 tokens per subject phrase ({PHRASE_TOKENS.describe()}) {_preset_default('phrase_tokens')}")
+    add(p, "--max-sequence-length", type=PROMPT_TOKENS, default=None, metavar="N",
+        help=f"T5 tokens of the main prompt ({PROMPT_TOKENS.describe()}) {_preset_default('max_sequence_length')}")
     add(p, "--max-image-pixels", type=MAX_IMAGE_PIXELS, default=DEFAULT_MAX_IMAGE_PIXELS,
         help=f"refuse reference images above this many pixels, read from the header before decoding "
-             f"(default {DEFAULT_MAX_IMAGE_PIXELS:,}; at most {MAX_IMAGE_PIXELS.hi:,})")
+             f"(at most {MAX_IMAGE_PIXELS.hi:,})")
     add(p, "--out", default="musar.png", check=value(check_image_output),
         help="output PNG; a .json sidecar is written next to it")
     add(p, "--routing-maps", default=None, metavar="DIR", check=value(_check_maps_dir),
-        help="write routing maps (Fig. 5 style) here")
+        help="write routing maps (Fig. 5 style) here (default: none)")
     add(p, "--no-dynamic-routing", action="store_true", help="static routing only")
     add(
         p, "--box", nargs="+", action="append", metavar="COORD", check=_check_boxes,
         help="layout box of a subject: X0 Y0 X1 Y1 as fractions of the image (0..1, origin top left), or 'none'; "
         "give once per --subject, in the same order (all subjects or none). A token inside one box reads only "
-        "that subject's reference",
+        "that subject's reference (default: no boxes)",
     )
     add(
-        p, "--outside-boxes", choices=["all", "none"], default="all", check=_check_outside,
-        help="what tokens outside every box read: all = dynamic routing picks among all subjects (default), "
-        "none = no reference",
+        p, "--outside-boxes", choices=OUTSIDE_POLICIES, default=DEFAULT_OUTSIDE, check=_check_outside,
+        help="what tokens outside every box read: all = dynamic routing picks among all subjects, "
+        "none = no reference (default: %(default)s)",
     )
     add_attention(p)
+    add_threads(p)
     add(
         p, "--independent-conditions", action="store_true",
         help="conditions never see the noisy image (needs a LoRA trained so); caches their K/V across steps",
@@ -82,7 +120,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="torch.compile the transformer blocks (regional, no graph break in routed attention); the first "
         "step pays the compilation; on CPU it needs a C++ compiler",
     )
-    add(p, "--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    add(p, "--dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
+        help="weights dtype of a --model (presets keep their own, fp32)")
     add(p, "--quantize", choices=quant.QUANTIZE_CHOICES, default="none", metavar=quant.METAVAR, help=quant.HELP,
         check=value(quant.check_quantize_arg))
     p.set_defaults(func=run)
@@ -91,11 +130,35 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 ROUTING_MAP_FILES = ("routing_grid.png", "route_overlay.png", "routing.json")
 
 
+def resolve_generation(args: argparse.Namespace, names: tuple[str, ...] = GENERATION_FLAGS) -> argparse.Namespace:
+    """Fill the generation flags ``names`` left out (None) with the preset's default, else FLUX.1's.
+
+    Nothing is imported when none is missing or there is no --preset; otherwise the preset's
+    module is (for its declared defaults), not its weights. Given flags are never touched.
+    """
+    missing = [name for name in names if getattr(args, name, None) is None]
+    if not missing:
+        return args
+    if args.preset is None:
+        defaults = FLUX_DEFAULTS
+    else:
+        import dataclasses
+
+        from musar.pipelines.presets import generation_defaults
+
+        defaults = dataclasses.asdict(generation_defaults(args.preset))
+    for name in missing:
+        setattr(args, name, defaults[name])
+    return args
+
+
 def check_box_args(args: argparse.Namespace) -> list[tuple[float, float, float, float] | None] | None:
     """``--box`` / ``--outside-boxes`` as checked boxes (one-line MusarError); no model needed."""
     from musar.models.boxes import check_boxes, parse_box_args
 
     boxes = parse_box_args(args.box, len(args.subject))
+    if boxes is not None:  # a box is checked at the size it will be drawn at
+        resolve_generation(args, ("height", "width"))
     return check_boxes(
         boxes, len(args.subject), args.height, args.width,
         dynamic_routing=not args.no_dynamic_routing, outside=args.outside_boxes,
@@ -107,7 +170,7 @@ def _check_boxes(box: list[list[str]], args: argparse.Namespace) -> None:
 
 
 def _check_outside(outside: str, args: argparse.Namespace) -> None:
-    if args.box is None and outside != "all":
+    if args.box is None and outside != DEFAULT_OUTSIDE:
         raise MusarError(f"--outside-boxes {outside} needs --box: it says what tokens outside every box read")
 
 
@@ -117,8 +180,8 @@ def _check_maps_dir(folder: str) -> None:
 
 def _check_subjects(subjects: list[list[str]], args: argparse.Namespace) -> None:
     """Every reference decodes within the pixel limit and every phrase is in the prompt."""
-    from musar.pipelines.spans import find_phrase_chars
     from musar.utils.images import load_reference
+    from musar.utils.spans import find_phrase_chars
 
     for image, _ in subjects:
         load_reference(image, 16, max_pixels=args.max_image_pixels)
@@ -131,12 +194,17 @@ def run(args: argparse.Namespace) -> int:
 
     images.MAX_IMAGE_PIXELS = args.max_image_pixels  # the pipeline re-reads the references
     out = Path(args.out)
+    resolve_generation(args)  # the preset's defaults (else FLUX's) for every flag left out
     boxes = check_box_args(args)
+    with torch_threads(args.threads) as threads:
+        return _generate(args, out, boxes, threads)
 
+
+def _generate(args: argparse.Namespace, out: Path, boxes: list[Any] | None, threads: dict[str, int]) -> int:
     import torch
 
     from musar.pipelines.presets import load_pipeline
-    from musar.pipelines.registry import get_preset
+    from musar.utils.registry import get_preset
 
     t0 = time.perf_counter()
     if args.preset and get_preset(args.preset).random_weights:
@@ -158,6 +226,8 @@ def run(args: argparse.Namespace) -> int:
         generator=generator,
         condition_size=args.condition_size,
         condition_fit=args.condition_fit,
+        phrase_tokens=args.phrase_tokens,
+        max_sequence_length=args.max_sequence_length,
         dynamic_routing=not args.no_dynamic_routing,
         attention=args.attention,
         independent_conditions=args.independent_conditions,
@@ -166,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
         return_routing=True,  # the sidecar records the share of tokens routed to each subject
     )
     image = result.images[0]
-    sidecar = _sidecar(args, pipe, result.timings | {"load_s": load_s}, boxes, result.routing)
+    sidecar = _sidecar(args, pipe, result.timings | {"load_s": load_s}, boxes, result.routing, threads)
     # One unit: whenever out exists, the sidecar beside it is its own (see write_image_and_sidecar).
     write_image_and_sidecar(out, lambda tmp: image.save(tmp, format="PNG"), sidecar)
     print(f"wrote {out} and {sidecar_path(out)}")
@@ -176,9 +246,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _sidecar(
-    args: argparse.Namespace, pipe: Any, timings: dict[str, float], boxes: list[Any] | None, routing: Any
+    args: argparse.Namespace, pipe: Any, timings: dict[str, float], boxes: list[Any] | None, routing: Any,
+    threads: dict[str, int],
 ) -> dict[str, Any]:
     import musar
+    from musar.models.options import resolve_backend
 
     return {
         "musar_version": musar.__version__,
@@ -195,18 +267,23 @@ def _sidecar(
         "width": args.width,
         "condition_size": args.condition_size,
         "condition_fit": args.condition_fit,
+        "phrase_tokens": args.phrase_tokens,
+        "max_sequence_length": args.max_sequence_length,
         "dynamic_routing": not args.no_dynamic_routing,
         "boxes": None if boxes is None else [None if b is None else list(b) for b in boxes],
         "outside_boxes": args.outside_boxes,
         # per subject, the share of NOISE tokens routed to it at each step (mean over routed layers)
         "route_share": routing.route_share() if routing is not None and routing.steps else None,
         "attention": args.attention,
+        "attention_resolved": resolve_backend(args.attention, pipe._execution_device),  # what "auto" meant here
         "independent_conditions": args.independent_conditions,
         "offload": args.offload,
         "compile": args.compile,
         "dtype": args.dtype,
+        "transformer_dtype": str(pipe.transformer.dtype).removeprefix("torch."),  # presets keep theirs
         "quantize": args.quantize,
         "device": str(pipe._execution_device),
+        **threads,  # "threads" (intra-op) and "interop_threads" in force
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
     }
 

@@ -20,7 +20,7 @@ import argparse
 import dataclasses
 import sys
 
-from musar.cli.args import add, value
+from musar.cli.args import HelpFormatter, add, value
 from musar.utils.validation import COUNT, check_input_dir, check_input_file, check_output_dir, key_value
 
 EXIT_STOPPED = 3
@@ -30,15 +30,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train", help="train the MUSAR LoRA (single process, or under accelerate launch)",
         description="Train MUSAR's dual-branch LoRA on the 3-stage curriculum. See docs/training.md.",
+        formatter_class=HelpFormatter,
     )
     add(p, "--config", required=True, metavar="FILE", check=value(lambda f: check_input_file(f, "config file")),
         help="YAML config (e.g. configs/tiny.yaml)")
-    add(p, "--max-steps", type=COUNT, default=None, metavar="N", help="override max_steps (an integer >= 1)")
-    add(p, "--output-dir", default=None, metavar="DIR", check=value(check_output_dir), help="override output_dir")
+    add(p, "--max-steps", type=COUNT, default=None, metavar="N", help="override max_steps (an integer >= 1) (default: the config's)")
+    add(p, "--output-dir", default=None, metavar="DIR", check=value(check_output_dir), help="override output_dir (default: the config's)")
     add(p, "--resume", default=None, metavar="latest|PATH", check=value(_check_resume),
-        help="continue from the newest valid checkpoint of the output dir, or from a checkpoint folder")
+        help="continue from the newest valid checkpoint of the output dir, or from a checkpoint folder "
+        "(default: start afresh)")
     add(p, "--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides", type=key_value,
-        help="override any config key, e.g. --set optim.lr=5e-5 (repeatable); see --help-config")
+        help="override any config key, e.g. --set optim.lr=5e-5 (repeatable; default: none); see --help-config")
     p.add_argument("--help-config", action=_HelpConfig, help="list every config key with its type, default and meaning, then exit")
     p.set_defaults(func=run)
 

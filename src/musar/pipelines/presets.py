@@ -1,13 +1,21 @@
-"""Ready-made pipelines: the real FLUX.1-dev loader and the tiny random-weight preset.
+"""Ready-made pipelines: the real FLUX.1-dev loader, the tiny random-weight preset, and what a
+preset generates by default.
 
 ``tiny`` is the FLUX architecture (transformer, VAE, CLIP and T5 text encoders) at a few
 thousand parameters with random weights and offline-built tokenizers. It produces noise-like
 images; it exists so every code path (CLI, training, evaluation, UI) runs in seconds on a CPU
 with nothing downloaded. It says so wherever it is used.
+
+A preset may also say how it generates by default (:class:`GenerationPreset`): the toy model
+draws 64x64 images in 16 steps, where FLUX.1's 1024x1024 in 28 would take minutes and draw
+nothing it was trained on. ``musar generate`` fills every size, step count and token count not
+given on the command line from :func:`generation_defaults`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
 import re
 from dataclasses import dataclass
@@ -21,8 +29,8 @@ from musar.models.transformer import MusarTransformer
 from musar.pipelines.pipeline_musar import DEFAULT_MODEL, MusarPipeline
 from musar.pipelines.quantization import load_quantized_pipeline, quantize_pipeline
 from musar.pipelines.quantization_spec import QuantizeSpec
-from musar.pipelines.registry import PresetSpec, get_preset
 from musar.utils.dtypes import DTYPE_NAMES, torch_dtype
+from musar.utils.registry import PresetSpec, get_preset
 from musar.utils.tokenizer import word_level_tokenizer
 
 _TINY_CORPUS = [
@@ -33,6 +41,61 @@ _TINY_CORPUS = [
     "two images concatenated side by side, the left part is: a sneaker. the right part is: another sneaker",
     "a purple rug in a forest, a mountain, a blue house, a wheat field, a cobblestone street",
 ]
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """How one generation call runs unless told otherwise; ``None`` = FLUX.1's value.
+
+    The names are ``musar generate``'s flags (``--steps`` is ``num_inference_steps``,
+    ``--guidance`` is ``guidance_scale``, ``--max-sequence-length`` the main prompt's T5 tokens).
+    """
+
+    height: int | None = None
+    width: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    condition_size: int | None = None
+    phrase_tokens: int | None = None
+    max_sequence_length: int | None = None
+
+    def over(self, base: GenerationDefaults) -> GenerationDefaults:
+        """These values, with ``base``'s where this one says ``None``."""
+        return dataclasses.replace(base, **{k: v for k, v in dataclasses.asdict(self).items() if v is not None})
+
+
+# Flag name -> MusarPipeline.__call__ keyword, where they differ.
+GENERATION_KWARGS = {"steps": "num_inference_steps", "guidance": "guidance_scale"}
+
+
+def _flux_defaults() -> GenerationDefaults:
+    """FLUX.1's defaults: MusarPipeline.__call__'s own, read from its signature (one source)."""
+    params = inspect.signature(MusarPipeline.__call__).parameters
+    return GenerationDefaults(**{
+        f.name: params[GENERATION_KWARGS.get(f.name, f.name)].default for f in dataclasses.fields(GenerationDefaults)
+    })
+
+
+FLUX_GENERATION = _flux_defaults()
+
+
+@dataclass(frozen=True)
+class GenerationPreset(PresetSpec):
+    """A :class:`PresetSpec` that also says how it generates by default (``None``: FLUX's)."""
+
+    generation: GenerationDefaults = GenerationDefaults()
+
+
+def generation_defaults(preset: str | None = None) -> GenerationDefaults:
+    """Every generation default of ``preset`` (None: the FLUX.1 model), FLUX's where it says none.
+
+    A preset that is a plain :class:`PresetSpec` generates with FLUX's defaults. This imports the
+    preset's module, not its weights.
+    """
+    if preset is None:
+        return FLUX_GENERATION
+    own = getattr(get_preset(preset), "generation", None)
+    return FLUX_GENERATION if own is None else own.over(FLUX_GENERATION)
 
 
 @dataclass(frozen=True)
@@ -153,7 +216,9 @@ def load_pipeline(
     return pipe
 
 
-TINY = PresetSpec(
+TINY = GenerationPreset(
     "tiny", "FLUX architecture at a few thousand parameters, random weights: smoke runs, images are noise",
     lambda with_default_lora: tiny_pipeline(), random_weights=True,
+    # FLUX's sizes and step count: the tiny model exists to run FLUX's code paths as FLUX runs them.
+    generation=GenerationDefaults(),
 )

@@ -27,9 +27,9 @@ from musar.data.samples import DIPTYCH_TEMPLATE
 from musar.errors import MusarError
 from musar.models.transformer import MusarTransformer
 from musar.pipelines.pipeline_musar import MusarPipeline
-from musar.pipelines.registry import PresetSpec
 from musar.toy import world
 from musar.toy.codec import ToyCodec
+from musar.utils.registry import PresetSpec
 from musar.utils.tokenizer import word_level_tokenizer
 
 # Where the shipped weights live (package data) and what they are called.
@@ -190,7 +190,22 @@ def parameter_counts(pipe: MusarPipeline) -> dict[str, int]:
 
 
 # Registered as the ``toy`` preset through the ``musar.presets`` entry point (pyproject.toml).
-TOY = PresetSpec(
-    "toy", "the miniature world's trained base with the shipped full MUSAR LoRA (docs/toy.md)",
-    lambda with_default_lora: load_toy_pipeline(use_shipped_lora=with_default_lora),
-)
+def _toy_preset() -> PresetSpec:
+    """The preset with the toy world's generation defaults (those of musar.toy.cases: 64 px,
+    16 steps, 64 px references, 8 phrase tokens, 64 prompt tokens). Guidance stays FLUX's: the
+    toy base has no guidance embedding, so the value is recorded but changes nothing."""
+    from musar.pipelines.presets import GenerationDefaults, GenerationPreset
+    from musar.toy.cases import GEN_DEFAULTS, IMAGE_SIZE
+
+    return GenerationPreset(
+        "toy", "the miniature world's trained base with the shipped full MUSAR LoRA (docs/toy.md)",
+        lambda with_default_lora: load_toy_pipeline(use_shipped_lora=with_default_lora),
+        generation=GenerationDefaults(
+            height=IMAGE_SIZE, width=IMAGE_SIZE, steps=GEN_DEFAULTS["num_inference_steps"],
+            condition_size=GEN_DEFAULTS["condition_size"], phrase_tokens=GEN_DEFAULTS["phrase_tokens"],
+            max_sequence_length=GEN_DEFAULTS["max_sequence_length"],
+        ),
+    )
+
+
+TOY = _toy_preset()
