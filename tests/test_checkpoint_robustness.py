@@ -94,13 +94,18 @@ def test_each_damaged_file_is_named_and_latest_falls_back(
     assert len(point.skipped) == 1 and point.skipped[0].startswith(f"{STEP4} (") and message in point.skipped[0]
 
 
-def test_checkpoints_without_a_manifest_still_get_every_structural_check(copy: Path) -> None:
+def test_a_checkpoint_without_a_manifest_is_refused_and_latest_falls_back(copy: Path) -> None:
+    """Every checkpoint is sealed with a manifest: a folder without one (every other file intact)
+    is damaged, and ``latest`` resumes from the older, sealed checkpoint instead."""
     newest = copy / "checkpoints" / STEP4
     (newest / MANIFEST_FILE).unlink()
-    assert validate_checkpoint(newest)["step"] == 4  # written before manifests existed: still fine
-    truncate(newest / "optimizer.safetensors")
-    with pytest.raises(MusarError, match=r"optimizer\.safetensors is truncated"):
+    with pytest.raises(MusarError) as err:
         validate_checkpoint(newest)
+    assert f"{MANIFEST_FILE} is missing" in str(err.value) and "\n" not in str(err.value)
+    point = find_resume(copy, "latest")
+    assert point.path.name == STEP2 and point.step == 2
+    assert len(point.skipped) == 1 and point.skipped[0].startswith(f"{STEP4} (")
+    assert f"{MANIFEST_FILE} is missing" in point.skipped[0]
 
 
 def test_no_valid_checkpoint_at_all(copy: Path) -> None:

@@ -19,7 +19,7 @@ from musar.data.samples import (
     single_samples,
 )
 from musar.data.subjects200k import BadRowWarning, SubjectPair, Subjects200K
-from musar.pipelines.spans import find_phrase_chars
+from musar.utils.spans import find_phrase_chars
 
 import data_fixtures as fx
 

@@ -193,7 +193,7 @@ def test_model_level_config_quantises_the_transformer_only(tiny_folder: Path) ->
     [("image", [(4, "noise"), (4, "subject")]), ("joint", [(3, None), (2, "subject"), (4, "noise"), (4, "subject")])],
 )
 def test_lora_rows_over_a_quantised_linear(stream: str, groups: list) -> None:
-    """The row rule of DESIGN sec. 5 holds with a torchao int8 base: PROMPT rows exactly the
+    """The row rule of docs/design.md sec. 5 holds with a torchao int8 base: PROMPT rows exactly the
     (quantised) base, NOISE rows base + noise delta, condition rows base + subject delta."""
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 

@@ -1,4 +1,4 @@
-"""Subject spans from fast-tokenizer offsets (DESIGN sec. 4)."""
+"""Subject spans from fast-tokenizer offsets (docs/design.md sec. 4)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 import pytest
 
 from musar.errors import MusarError
-from musar.pipelines.spans import find_phrase_chars, find_subject_spans, spans_tensor
+from musar.utils.spans import find_phrase_chars, find_subject_spans, spans_tensor
 from musar.utils.tokenizer import train_unigram_tokenizer, word_level_tokenizer
 
 CORPUS = [

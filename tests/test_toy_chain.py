@@ -75,8 +75,8 @@ def test_toy_folder_saves_and_loads(tmp_path: Path) -> None:
 
 def test_diptych_pool_follows_the_template_and_another_rule() -> None:
     from musar.data.samples import DIPTYCH_TEMPLATE
-    from musar.pipelines.spans import find_phrase_chars
     from musar.toy.pools import diptych_pool
+    from musar.utils.spans import find_phrase_chars
 
     tok = build_toy_pipeline().tokenizer_2
     pool = diptych_pool(40, seed=0, tokenizer=tok, max_length=64, brief_prob=1.0, same_identity_prob=0.0)

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from musar.pipelines.spans import find_subject_spans
 from musar.toy.cases import layout_boxes, make_cases
 from musar.toy.grounding import GroundingTargets, caption_phrases, grounding_loss
 from musar.toy.metrics import routing_accuracy, scene_token_labels
@@ -16,6 +15,7 @@ from musar.toy.model import build_toy_pipeline
 from musar.toy.pools import SAME, diptych_pool, scene_pool
 from musar.toy.sampling import AffinityTap, sample_text_only, tapped
 from musar.toy.world import SHAPES, caption
+from musar.utils.spans import find_subject_spans
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(
 
 def test_preset_loads_base_and_full_lora() -> None:
     from musar.pipelines.presets import load_pipeline
-    from musar.pipelines.registry import preset_names
+    from musar.utils.registry import preset_names
 
     assert "toy" in preset_names()  # registered by the toy package's entry point, not by the core
     pipe = load_pipeline(preset="toy", device="cpu")

@@ -220,7 +220,7 @@ def test_gpu_training_step_with_the_chosen_attention_kernels(tmp_path: Path, pat
 
     device = torch.device("cuda")
     # FLUX-sized attention (24 heads x 128, c = 2 sequence) forward + backward under the kernels
-    # training uses; SDPA's default cuDNN kernel failed exactly here (DESIGN sec. 9).
+    # training uses; SDPA's default cuDNN kernel failed exactly here (docs/design.md sec. 9).
     q, k, v = (torch.randn(1, 24, 6720, 128, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     with sdpa_context("flash_efficient", device):
         F.scaled_dot_product_attention(q, k, v).float().square().mean().backward()

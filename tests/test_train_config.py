@@ -192,22 +192,16 @@ def test_optimizer_state_round_trips_without_pickle(tmp_path: Path) -> None:
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_train_step_bench_smoke(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import importlib.util
+def test_train_step_bench_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import json
-    import sys
 
-    spec = importlib.util.spec_from_file_location("bench_train_step", REPO / "bench" / "train_step.py")
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_train_step", bench)  # dataclasses look their module up
-    spec.loader.exec_module(bench)
+    from musar.bench.train_step import main
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # see test_train.py: 2 threads stall on a loaded 2-core machine
     out = tmp_path / "bench.json"
-    assert bench.main(["--preset", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "0",
-                       "--peak-tflops", "1", "--json", str(out)]) == 0
+    assert main(["--preset", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "0",
+                 "--peak-tflops", "1", "--json", str(out)]) == 0
     torch.set_num_threads(threads)
     rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"plain", "concat", "musar"}

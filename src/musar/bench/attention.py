@@ -3,7 +3,7 @@
 One attention call at the shapes of a MUSAR forward with c references: the routed call of
 each backend (dynamic routing included: affinity, argmax, grouping) against *unmasked* SDPA
 on the same q/k/v with every SDPA kernel this machine has, so "routing costs nothing" is
-judged against the fastest kernel, not the slowest (DESIGN sec. 9).
+judged against the fastest kernel, not the slowest (docs/design.md sec. 9).
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ class SuiteSize:
     train_preset: str
     train_steps: int
     train_warmup: int
-    train_attention: str  # the SDPA kernel chosen explicitly for training (DESIGN sec. 9)
+    train_attention: str  # the SDPA kernel chosen explicitly for training (docs/design.md sec. 9)
     generate_steps: int
     quant_steps: int
     # nf4 first: the 16 GB goal rests on it. The bf16 baseline of the GPU run is the forward part's

@@ -1,8 +1,8 @@
 """What ``musar bench`` measures: model presets and the settings of one run (no torch at import).
 
 ``flux-dev-random`` is the FLUX.1-dev architecture with random weights (speed does not depend on
-trained weights); ``tiny`` is a seconds-long CPU smoke test. ``bench/train_step.py`` and the
-GPU suite reuse these configs.
+trained weights); ``tiny`` is a seconds-long CPU smoke test. :mod:`musar.bench.train_step` and
+the GPU suite reuse these configs.
 """
 
 from __future__ import annotations

@@ -33,11 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from musar.bench.parts import SCHEMA, run_part
 from musar.bench.report import format_report
 from musar.bench.targets import forward_values, judge, train_values
 from musar.utils.io import atomic_write_json
-
-SCHEMA = "musar.bench.suite/1"
 
 
 @dataclass(frozen=True)
@@ -86,8 +85,6 @@ def main(argv: list[str] | None = None) -> int:
         print(format_report(Path(args.report)))
         return 0
     if args.run_part:
-        from musar.bench.parts import run_part
-
         return run_part(args.run_part, Path(args.part_out), args.size, Path.cwd(), Path(args.scratch))
     if not args.out:
         p.error("give the output folder")
@@ -223,8 +220,6 @@ def _fork_part(name: str, path: Path, size: str, scratch: Path, logf: Any) -> in
         os.setsid()
         os.dup2(logf.fileno(), 1)
         os.dup2(logf.fileno(), 2)
-        from musar.bench.parts import run_part
-
         code = run_part(name, path, size, Path.cwd(), scratch)
     except BaseException:
         import traceback

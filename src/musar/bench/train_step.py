@@ -8,7 +8,7 @@ Full-size FLUX.1-dev architecture with random bf16 weights, gradient checkpointi
   (``mode="shared"``), i.e. what a standard FLUX LoRA fine-tune does;
 * ``concat`` -- the same diptych step with both references' tokens (image latents + phrase
   tokens) simply appended to the streams: one unmasked attention, no routing, the same rank-128
-  LoRA on every row (DESIGN sec. 9's "two references concatenated" setting);
+  LoRA on every row (docs/design.md sec. 9's "two references concatenated" setting);
 * ``musar``  -- the real step: conditions with t_cond modulation, dual-branch LoRA (noise rank 4 on
   noise rows, subject rank 128 on condition rows, none on the prompt), static + dynamic routing
   (``fast`` backend, SDPA restricted to FlashAttention / memory-efficient kernels).
@@ -25,7 +25,6 @@ from the GPU name (H100/H200: 989 TFLOP/s dense bf16) or ``--peak-tflops``.
 
     python -m musar.bench.train_step                              # on a GPU (needs ~40 GB)
     python -m musar.bench.train_step --preset tiny --device cpu   # smoke test, seconds
-    (``python bench/train_step.py`` runs the same.)
 """
 
 from __future__ import annotations
@@ -77,7 +76,7 @@ def build_model(config: dict[str, Any], device: torch.device, dtype: torch.dtype
 def make_batch(model: MusarTransformer, shape: Shape, mode: str, device: torch.device, dtype: torch.dtype) -> EncodedBatch:
     """Random encoded inputs. ``concat`` appends the references' tokens to the image and text
     streams as plain tokens (no conditions, so no routing, no per-token modulation: one SDPA
-    call over everything), exactly the naive concatenation of DESIGN sec. 9."""
+    call over everything), exactly the naive concatenation of docs/design.md sec. 9."""
     cfg = model.config
     g = torch.Generator(device="cpu").manual_seed(0)
 

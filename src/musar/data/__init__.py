@@ -1,4 +1,4 @@
-"""Training data: Subjects200K, diptychs, the 3-stage curriculum, MUSAR-Gen (see DESIGN sec. 6).
+"""Training data: Subjects200K, diptychs, the 3-stage curriculum, MUSAR-Gen (see docs/design.md sec. 6).
 
 Typical training use::
 

@@ -1,4 +1,4 @@
-"""The 3-stage curriculum (DESIGN sec. 6) as a deterministic, resumable ``IterableDataset``.
+"""The 3-stage curriculum (docs/design.md sec. 6) as a deterministic, resumable ``IterableDataset``.
 
 Stage 1: single-subject samples only. Stage 2: a ``stage2_diptych_ratio`` share of random-pair
 diptychs, the rest single. Stage 3: same-category diptychs. Optionally a ``musar_gen_ratio`` share

@@ -1,4 +1,4 @@
-"""The 3-stage curriculum's configuration (DESIGN sec. 6): stage lengths and mixes, plain data.
+"""The 3-stage curriculum's configuration (docs/design.md sec. 6): stage lengths and mixes, plain data.
 
 Torch-free, so the training config reads it without loading the data stack; the stream that
 follows it is :mod:`musar.data.curriculum`.

@@ -1,4 +1,4 @@
-"""Training samples: single-subject pairs and two-subject diptychs built from them (DESIGN sec. 6).
+"""Training samples: single-subject pairs and two-subject diptychs built from them (docs/design.md sec. 6).
 
 A single-subject sample uses one view of a Subjects200K row as the condition and the other as the
 target, with the target view's description as the prompt and ``item`` as the subject phrase.
@@ -57,8 +57,8 @@ class Sample:
 
 
 def phrase_in_prompt(phrase: str, prompt: str) -> bool:
-    """Whether the span finder (:mod:`musar.pipelines.spans`) will locate ``phrase`` in ``prompt``."""
-    from musar.pipelines.spans import find_phrase_chars  # the training loop's own rule, not a copy of it
+    """Whether the span finder (:mod:`musar.utils.spans`) will locate ``phrase`` in ``prompt``."""
+    from musar.utils.spans import find_phrase_chars  # the training loop's own rule, not a copy of it
 
     try:
         find_phrase_chars(prompt, [phrase])

@@ -1,5 +1,5 @@
 """Evaluation harness: DreamBench protocols, DINO / CLIP-I / CLIP-T metrics, resumable runner and
-Table-1 style reports (DESIGN sec. 8).
+Table-1 style reports (docs/design.md sec. 8).
 
 Names are imported lazily so that registering the ``musar eval`` command does not import torch.
 """

@@ -9,7 +9,7 @@
 
 Each image is preprocessed by the model's own image processor. For a case with several
 subjects, DINO and CLIP-I average the cosine over every real image of every subject (a flat
-mean over all references, DESIGN sec. 8); per-subject means are reported next to them.
+mean over all references, docs/design.md sec. 8); per-subject means are reported next to them.
 
 Models load with ``from_pretrained(..., use_safetensors=True)`` from a hub id or a local folder;
 pickle checkpoints are refused and no remote code ever runs. A spec may pin a revision as

@@ -24,7 +24,7 @@
     mean. Case j of each group takes context template j mod 10, and the subjects are listed with
     the template's article: "a backpack and a cat in the jungle", "a backpack, a cat and a dog in
     the jungle". Conditions are each subject's ``00.jpg``; image metrics average over every real image
-    of every subject (DESIGN sec. 8).
+    of every subject (docs/design.md sec. 8).
 
 ``custom``
     A JSON list of ``{"prompt": ..., "subjects": [{"image": ..., "phrase": ...}, ...]}``;
@@ -46,7 +46,7 @@ from musar.data.dreambench import DreamBench, DreamBenchSubject, format_prompt, 
 from musar.errors import MusarError
 
 PROTOCOLS: tuple[str, ...] = ("dreambench-single", "dreambench-multi", "custom")
-DEFAULT_SEEDS: tuple[int, ...] = (0, 1, 2, 3)  # DESIGN sec. 8: 4 seeds per case
+DEFAULT_SEEDS: tuple[int, ...] = (0, 1, 2, 3)  # docs/design.md sec. 8: 4 seeds per case
 DEFAULT_PAIRS = 60
 DEFAULT_TRIPLETS = 20
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")  # case ids become file names

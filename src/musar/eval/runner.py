@@ -48,6 +48,8 @@ RESUME_FREE_SETTINGS: frozenset[str] = frozenset(
         "musar_version",
         "torch_version",
         "diffusers_version",
+        "threads",  # torch's CPU threads: recorded, not compared, so a run may go on with other --threads
+        "interop_threads",
     }
 )
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")

@@ -1,4 +1,4 @@
-"""The dual-branch LoRA's configuration (DESIGN sec. 5): ranks, scales, targets, mode.
+"""The dual-branch LoRA's configuration (docs/design.md sec. 5): ranks, scales, targets, mode.
 
 Pure data with help text; the training config uses this class as its ``lora`` section, and LoRA
 files carry it in their safetensors header.

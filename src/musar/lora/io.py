@@ -28,9 +28,7 @@ FORMAT_VERSION = "1"
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    # Anything but a module is a view of gathered LoRA tensors (musar.train.distributed, FSDP).
-    pairs = lora_named_parameters(model) if isinstance(model, nn.Module) else model.named_parameters()
-    return {name: p.detach().contiguous().cpu() for name, p in pairs}
+    return {name: p.detach().contiguous().cpu() for name, p in lora_named_parameters(model)}
 
 
 def save_branch_lora(
@@ -39,13 +37,24 @@ def save_branch_lora(
     config: BranchLoRAConfig | None = getattr(model, "lora_config", None)
     if config is None:
         raise ValueError("model has no branch LoRA to save")
+    return save_lora_tensors(config, lora_state_dict(model), path, metadata)
+
+
+def save_lora_tensors(
+    config: BranchLoRAConfig,
+    tensors: dict[str, torch.Tensor],
+    path: str | os.PathLike[str],
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """A LoRA file from its config and its ``<module path>.lora_{A,B}.<branch>.weight`` tensors
+    (a model's, or the full tensors gathered from FSDP shards), atomically."""
     header = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "lora_config": json.dumps(dataclasses.asdict(config)),
         **(metadata or {}),
     }
-    state = lora_state_dict(model)
+    state = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=header)
     return Path(path)

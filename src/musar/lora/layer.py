@@ -1,4 +1,4 @@
-"""Dual-branch, token-selective LoRA (DESIGN sec. 5), in peft's config / layer / injection split.
+"""Dual-branch, token-selective LoRA (docs/design.md sec. 5), in peft's config / layer / injection split.
 
 One frozen base weight, two low-rank branches: the *noise* branch (rank 4) acts on NOISE rows,
 the *subject* branch (rank 128) on condition rows (CI and CT); PROMPT rows get no LoRA at all.

@@ -1,7 +1,7 @@
 """FLUX block forwards with per-token-kind AdaLN modulation, composed from diffusers' modules.
 
 FLUX modulates every token of a sample with one timestep embedding. MUSAR's condition tokens
-carry their own, ``temb(t_cond)`` (DESIGN sec. 2), so the norm layers must modulate row groups
+carry their own, ``temb(t_cond)`` (docs/design.md sec. 2), so the norm layers must modulate row groups
 differently. These functions are the one place that happens. They only *call* diffusers'
 submodules (``norm1``, ``attn``, ``ff``, ...) in FLUX's order; when a stream has no condition
 rows they compute exactly what ``FluxTransformerBlock.forward`` /

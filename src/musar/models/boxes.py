@@ -1,4 +1,4 @@
-"""Subject boxes -> route candidates: the user-facing form of given routes (DESIGN sec. 4a).
+"""Subject boxes -> route candidates: the user-facing form of given routes (docs/design.md sec. 4a).
 
 A box is ``(x0, y0, x1, y1)`` in fractions of the output image (x to the right, y down), one per
 subject or ``None`` for a subject without a box. Each NOISE token is a cell of the packed latent
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 Box = tuple[float, float, float, float]
 OutsidePolicy = Literal["all", "none"]
 OUTSIDE_POLICIES: tuple[str, ...] = ("all", "none")
+DEFAULT_OUTSIDE: OutsidePolicy = "all"  # S* routes the tokens outside every box among all subjects
 FLUX_TOKEN_PX = 16  # FLUX's VAE factor 8 x the 2x2 latent packing
 _EDGE = 1e-9  # fractions are floats: a centre on an edge must not fall out by rounding
 
@@ -80,7 +81,7 @@ def check_boxes(
     width: int,
     *,
     dynamic_routing: bool = True,
-    outside: str = "all",
+    outside: str = DEFAULT_OUTSIDE,
     token_px: int = FLUX_TOKEN_PX,
 ) -> list[Box | None] | None:
     """Validate boxes for ``num_subjects`` subjects at ``height`` x ``width``; one-line MusarError.
@@ -172,7 +173,7 @@ def token_box_membership(boxes: Sequence[Box | None], grid: tuple[int, int]) -> 
     return inside
 
 
-def box_candidates(boxes: Sequence[Box | None], grid: tuple[int, int], outside: str = "all") -> torch.Tensor:
+def box_candidates(boxes: Sequence[Box | None], grid: tuple[int, int], outside: str = DEFAULT_OUTSIDE) -> torch.Tensor:
     """(n, c) bool route candidates of each NOISE token (see the module docstring for the rules).
 
     ``grid``: the (rows, columns) of NOISE tokens, row-major as FLUX packs them.

@@ -1,4 +1,4 @@
-"""Condition K/V cache for ``independent_conditions`` (DESIGN sec. 3).
+"""Condition K/V cache for ``independent_conditions`` (docs/design.md sec. 3).
 
 With ``independent_conditions=True`` a condition's queries see only their own condition, so
 its hidden states in every layer depend on the reference latents, the phrase embedding,

@@ -1,7 +1,7 @@
 """The ``flex`` backend: routed attention as one FlexAttention call with a block-sparse mask.
 
 The mask is never evaluated element by element to find the blocks (``create_block_mask``
-costs 20 ms eager, DESIGN sec. 9). Routing depends on a token only through its *class*
+costs 20 ms eager, docs/design.md sec. 9). Routing depends on a token only through its *class*
 (:func:`musar.models.routing.class_tables`), so
 
 1. every query row gets a class (NOISE rows: one class per route, "no condition" included) and

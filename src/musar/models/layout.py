@@ -1,6 +1,6 @@
 """The token layout: the one description of which token sits where in MUSAR's joint attention.
 
-Four kinds of tokens meet in every attention call (DESIGN sec. 2):
+Four kinds of tokens meet in every attention call (docs/design.md sec. 2):
 
 ==============  ================================  ==================
 kind            what                              stream (double)
@@ -164,8 +164,3 @@ class TokenLayout:
         """(L,) int64 tensor: the condition index of COND tokens, -1 for PROMPT and NOISE."""
         parts = [torch.full((s.length,), s.cond, dtype=torch.long) for s in self.segments]
         return torch.cat(parts).to(device) if parts else torch.empty(0, dtype=torch.long, device=device)
-
-    def describe(self) -> str:
-        return " | ".join(
-            f"{s.kind.name}{'' if s.cond < 0 else s.cond}[{s.start}:{s.stop}]" for s in self.segments
-        )

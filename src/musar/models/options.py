@@ -1,4 +1,4 @@
-"""How attention is routed: :class:`RoutingOptions` (DESIGN sec. 3, 4), plain data with help text.
+"""How attention is routed: :class:`RoutingOptions` (docs/design.md sec. 3, 4), plain data with help text.
 
 Kept free of torch at import so the training config, ``musar train --help-config`` and the CLI's
 validation read it without loading the model stack; the routing itself is
@@ -8,13 +8,16 @@ validation read it without loading the model stack; the routing itself is
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, get_args
 
 if TYPE_CHECKING:
     import torch
 
+# The routed-attention backends and the default of everything that generates, declared once for
+# every front end that offers them (the CLI's --attention, the UI's backend choice).
 Backend = Literal["auto", "fast", "flex", "reference"]
-BACKENDS: tuple[str, ...] = ("auto", "fast", "flex", "reference")
+BACKENDS: tuple[str, ...] = get_args(Backend)
+DEFAULT_BACKEND: Backend = "auto"
 
 
 @dataclass
@@ -27,7 +30,7 @@ class RoutingOptions:
     start_layer: int = field(default=0, metadata={"help": "First layer (double blocks first, then single) where dynamic routing applies."})
     start_step: int = field(default=0, metadata={"help": "First denoising step where dynamic routing applies."})
     independent_conditions: bool = field(default=False, metadata={"help": "Also block COND -> NOISE so condition K/V can be cached (ours; needs weights trained this way)."})
-    backend: Backend = field(default="auto", metadata={"help": "How routing is computed: 'auto' (flex on CUDA, fast elsewhere), 'fast' (grouped unmasked attention, no L x L mask), 'flex' (FlexAttention block mask) or 'reference' (dense mask). Kernels come from diffusers' attention backend (set_attention_backend), except flex's."})
+    backend: Backend = field(default=DEFAULT_BACKEND, metadata={"help": "How routing is computed: 'auto' (flex on CUDA, fast elsewhere), 'fast' (grouped unmasked attention, no L x L mask), 'flex' (FlexAttention block mask) or 'reference' (dense mask). Kernels come from diffusers' attention backend (set_attention_backend), except flex's."})
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:

@@ -1,4 +1,4 @@
-"""Attention routing as pure functions (DESIGN sec. 3 and 4).
+"""Attention routing as pure functions (docs/design.md sec. 3 and 4).
 
 Static routing is a property of the layout alone; dynamic routing adds, for each NOISE query,
 the one condition it may see (its *route*). Everything here takes tensors and a
@@ -9,7 +9,7 @@ Mask convention: ``True`` = the query row may attend to the key column.
 
 Route values: ``0 .. c-1`` name a condition; ``c`` (:func:`no_condition`) means the token reads no
 condition at all (only PROMPT and NOISE keys). S* never picks ``c``; given routes do, when a
-token has no candidate (DESIGN sec. 4a, :mod:`musar.models.boxes`).
+token has no candidate (docs/design.md sec. 4a, :mod:`musar.models.boxes`).
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def static_mask(
     static: bool = True,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """(L, L) boolean mask of the static rules (DESIGN sec. 3); NOISE -> every condition allowed."""
+    """(L, L) boolean mask of the static rules (docs/design.md sec. 3); NOISE -> every condition allowed."""
     if not static:
         return torch.ones(layout.total, layout.total, dtype=torch.bool, device=device)
     kind = layout.kinds(device)
@@ -274,7 +274,7 @@ def routes_from_affinity(affinity: torch.Tensor, candidates: torch.Tensor | None
 
 @dataclass(frozen=True)
 class RoutingAccuracy:
-    """How many labelled NOISE tokens went to their true subject (DESIGN sec. 4a)."""
+    """How many labelled NOISE tokens went to their true subject (docs/design.md sec. 4a)."""
 
     overall: float  # share of labelled tokens routed to their label; nan when none is labelled
     per_subject: dict[int, float]  # subject -> share of its tokens routed to it (subjects present only)

@@ -1,5 +1,5 @@
-"""Pipelines: :class:`MusarPipeline` (a diffusers ``FluxPipeline``), reference conditions, subject
-spans, routing maps and the ready-made presets."""
+"""Pipelines: :class:`MusarPipeline` (a diffusers ``FluxPipeline``), reference conditions, routing
+maps and the ready-made presets."""
 
 from __future__ import annotations
 

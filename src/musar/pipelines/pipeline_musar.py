@@ -27,16 +27,38 @@ from musar.models.transformer import ConditionInputs, MusarTransformer
 from musar.pipelines.conditions import encode_references
 from musar.pipelines.lora_loading import MusarLoraLoaderMixin
 from musar.pipelines.pipeline_output import MusarPipelineOutput
-from musar.pipelines.quantization import split_quantization_config
-from musar.pipelines.registry import import_registered_components
 from musar.pipelines.routing_maps import RoutingRecorder
-from musar.pipelines.spans import find_subject_spans, spans_tensor
 from musar.pipelines.step_callbacks import StepCallback, callback_inputs, run_step_callback
 from musar.utils.images import Fit, load_reference
 from musar.utils.io import atomic_write_json
+from musar.utils.registry import import_registered_components
+from musar.utils.spans import find_subject_spans, spans_tensor
 from musar.utils.validation import check_generation
 
 DEFAULT_MODEL = "black-forest-labs/FLUX.1-dev"
+
+
+def split_quantization_config(config: Any) -> tuple[Any, Any]:
+    """``quantization_config=`` of :meth:`MusarPipeline.from_pretrained` -> (the transformer's
+    config, the pipeline config diffusers applies to the other components).
+
+    MusarPipeline loads its transformer itself (as a MusarTransformer), so a pipeline-level config
+    must be resolved for it here; a model-level diffusers config means the transformer alone.
+    """
+    if config is None:
+        return None, None
+    from diffusers import PipelineQuantizationConfig
+    from diffusers.quantizers.quantization_config import QuantizationConfigMixin
+
+    if isinstance(config, PipelineQuantizationConfig):
+        # diffusers' own resolution (quant_mapping or quant_backend + components_to_quantize)
+        return config._resolve_quant_config(is_diffusers=True, module_name="transformer"), config
+    if isinstance(config, QuantizationConfigMixin):
+        return config, None
+    raise MusarError(
+        f"quantization_config must be a diffusers quantisation config or PipelineQuantizationConfig, got {type(config).__name__}"
+    )
+
 
 Subject = tuple[Image.Image | str | os.PathLike[str], str]
 

@@ -4,7 +4,8 @@
 ``PipelineQuantizationConfig`` whose ``quant_mapping`` names the transformer (a diffusers config)
 and the T5 encoder ``text_encoder_2`` (the matching transformers config), exactly as diffusers
 documents pipeline-level quantisation for FLUX. :meth:`MusarPipeline.from_pretrained` takes such a
-config, or a model-level diffusers config for the transformer alone, via ``quantization_config=``.
+config, or a model-level diffusers config for the transformer alone, via ``quantization_config=``
+(it resolves the transformer's part itself, so this module imports the pipeline, never the reverse).
 GGUF checkpoints are single files: the transformer comes from
 ``MusarTransformer.from_single_file(path, config=<model folder>, quantization_config=GGUFQuantizationConfig)``.
 
@@ -73,28 +74,6 @@ def pipeline_config(spec: QuantizeSpec, dtype: torch.dtype) -> Any:
 
     return PipelineQuantizationConfig(
         quant_mapping={"transformer": transformer_config(spec, dtype), "text_encoder_2": text_encoder_config(spec, dtype)}
-    )
-
-
-def split_quantization_config(config: Any) -> tuple[Any, Any]:
-    """``quantization_config=`` of :meth:`MusarPipeline.from_pretrained` -> (the transformer's
-    config, the pipeline config diffusers applies to the other components).
-
-    MusarPipeline loads its transformer itself (as a MusarTransformer), so a pipeline-level config
-    must be resolved for it here; a model-level diffusers config means the transformer alone.
-    """
-    if config is None:
-        return None, None
-    from diffusers import PipelineQuantizationConfig
-    from diffusers.quantizers.quantization_config import QuantizationConfigMixin
-
-    if isinstance(config, PipelineQuantizationConfig):
-        # diffusers' own resolution (quant_mapping or quant_backend + components_to_quantize)
-        return config._resolve_quant_config(is_diffusers=True, module_name="transformer"), config
-    if isinstance(config, QuantizationConfigMixin):
-        return config, None
-    raise MusarError(
-        f"quantization_config must be a diffusers quantisation config or PipelineQuantizationConfig, got {type(config).__name__}"
     )
 
 

@@ -9,7 +9,7 @@
     musar toy demo --out outputs/toy_demo   # shipped weights -> composition + verdict
 
 Loading a toy folder anywhere (``musar train --config configs/toy_musar.yaml`` too) imports the
-toy codec through the ``musar.components`` entry point (:mod:`musar.pipelines.registry`).
+toy codec through the ``musar.components`` entry point (:mod:`musar.utils.registry`).
 """
 
 from __future__ import annotations

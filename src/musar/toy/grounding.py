@@ -1,7 +1,7 @@
 """The grounding term of toy *base pretraining*: the toy's stand-in for what FLUX gets from scale.
 
 FLUX's noise tokens attend to the words of the subject they depict; dynamic routing relies on it
-(DESIGN sec. 9a). A 4M-parameter base trained for minutes does not learn that by itself (notes:
+(docs/design.md sec. 9a). A 4M-parameter base trained for minutes does not learn that by itself (notes:
 routing accuracy 0.43 without this term, 1.00 with it). So base pretraining adds, on samples with
 two or more subjects (every sample, with the background phrase as a candidate):
 
@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from musar.pipelines.spans import find_subject_spans
 from musar.toy.metrics import subject_masks, token_labels
 from musar.toy.world import Scene, subject_phrase
+from musar.utils.spans import find_subject_spans
 
 
 @dataclass

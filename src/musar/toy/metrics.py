@@ -4,7 +4,7 @@ Everything here takes plain arrays or analyser verdicts and returns numbers, so 
 on constructed inputs. The probes (:mod:`musar.toy.probes`) and the gate runner
 (:mod:`musar.toy.gates`) only generate images and attention and feed them through these.
 
-**Routing accuracy** (DESIGN sec. 4a): the share of the tokens of subject k that routing sends to
+**Routing accuracy** (docs/design.md sec. 4a): the share of the tokens of subject k that routing sends to
 k, where a token belongs to k when at least half of its pixels lie inside k's shape mask in the
 *prompted* scene; tokens of no subject are ignored. The core package will get a function of the
 same name and meaning.

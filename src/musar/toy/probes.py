@@ -21,7 +21,6 @@ import torch
 from PIL import Image
 
 from musar.pipelines.pipeline_musar import MusarPipeline
-from musar.pipelines.spans import find_subject_spans, spans_tensor
 from musar.toy.analyser import ATTRIBUTES, Verdict, evaluate
 from musar.toy.cases import Case, generate_case, layout_boxes
 from musar.toy.metrics import (
@@ -33,6 +32,7 @@ from musar.toy.metrics import (
     scene_token_labels,
 )
 from musar.toy.sampling import STEPS, TEXT_LENGTH, AffinityTap, sample_text_only, tapped
+from musar.utils.spans import find_subject_spans, spans_tensor
 
 Rates = dict[str, tuple[float, float]]
 

@@ -1,4 +1,4 @@
-"""Training MUSAR's dual-branch LoRA on the 3-stage curriculum (issue 5; DESIGN sec. 5-7).
+"""Training MUSAR's dual-branch LoRA on the 3-stage curriculum (issue 5; docs/design.md sec. 5-7).
 
 Typical use::
 

@@ -189,8 +189,8 @@ def _check_manifest(directory: Path) -> None:
 def validate_checkpoint(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """Check every file of a checkpoint without loading it; return trainer.json's content.
 
-    Raises :class:`DamagedCheckpoint` (a one-line :class:`MusarError`) naming the first bad file.
-    Checkpoints written before manifests existed get every check but the hashes.
+    Raises :class:`DamagedCheckpoint` (a one-line :class:`MusarError`) naming the first bad file;
+    a folder without its manifest is damaged (every checkpoint is sealed with one).
     """
     directory = Path(directory)
     state = _json_object(directory, TRAINER_FILE, ("step", "data", "world_size"))
@@ -211,8 +211,7 @@ def validate_checkpoint(directory: str | os.PathLike[str]) -> dict[str, Any]:
     for rank in range(world):
         _json_object(directory, f"rng_rank{rank}.json", ("python", "numpy"))
         _tensor_file(directory, f"rng_rank{rank}.safetensors", ("torch",))
-    if (directory / MANIFEST_FILE).exists():  # last: the structural checks name the damage more precisely
-        _check_manifest(directory)
+    _check_manifest(directory)  # last: the structural checks name the damage more precisely
     return state
 
 

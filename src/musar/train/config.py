@@ -29,7 +29,7 @@ from musar.lora.config import BranchLoRAConfig
 from musar.models.options import RoutingOptions
 from musar.utils.validation import GUIDANCE, HEIGHT, SEED, STEPS, TRAIN_SEED, WIDTH
 
-# SDPA kernels the training step may use on CUDA. DESIGN sec. 9: SDPA's default choice for these
+# SDPA kernels the training step may use on CUDA. docs/design.md sec. 9: SDPA's default choice for these
 # shapes on H100 is cuDNN attention, whose *backward* failed; FlashAttention and the
 # memory-efficient kernel worked, so training restricts SDPA to those two unless told otherwise.
 AttentionKernel = Literal["flash_efficient", "flash", "efficient", "math", "cudnn", "default"]
@@ -47,7 +47,7 @@ class ModelConfig:
     attention: AttentionKernel = field(default="flash_efficient", metadata={"help": "SDPA kernels allowed on CUDA during training (ignored on CPU); see docs/training.md."})
     device: Literal["auto", "cpu"] = field(default="auto", metadata={"help": "'auto': the GPU(s) accelerate finds, else CPU; 'cpu': CPU even when a GPU is visible."})
     cpu_threads: int | None = field(default=None, metadata={"help": "Intra-op CPU threads when training on CPU (None = torch's default)."})
-    condition_timestep: float = field(default=0.0, metadata={"help": "t_cond used to modulate condition tokens (DESIGN sec. 2)."})
+    condition_timestep: float = field(default=0.0, metadata={"help": "t_cond used to modulate condition tokens (docs/design.md sec. 2)."})
 
 
 @dataclass
@@ -83,7 +83,7 @@ class OptimConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """Rectified flow as FLUX trains it (DESIGN sec. 7); see musar.train.objective."""
+    """Rectified flow as FLUX trains it (docs/design.md sec. 7); see musar.train.objective."""
 
     logit_mean: float = field(default=0.0, metadata={"help": "Mean of the logit-normal timestep density."})
     logit_std: float = field(default=1.0, metadata={"help": "Std of the logit-normal timestep density."})
@@ -129,7 +129,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     # Training routes with the grouped-SDPA backend ("fast"): its forward and backward run on the
-    # SDPA kernels chosen by model.attention, the combination DESIGN sec. 9 saw work on H100.
+    # SDPA kernels chosen by model.attention, the combination docs/design.md sec. 9 saw work on H100.
     routing: RoutingOptions = field(default_factory=lambda: RoutingOptions(backend="fast"))
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
@@ -163,7 +163,7 @@ class TrainConfig:
         if self.data.source is None and self.data.musar_gen is None:
             raise MusarError("config data.source and data.musar_gen are both empty: nothing to train on")
         if self.model.preset is not None:
-            from musar.pipelines.registry import check_preset
+            from musar.utils.registry import check_preset
 
             try:
                 check_preset(self.model.preset)

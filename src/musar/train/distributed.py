@@ -22,7 +22,6 @@ not exercised by the CPU test suite.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from accelerate.utils import DistributedType, parse_flag_from_env
 from torch import nn
 
 from musar.errors import MusarError
-from musar.lora.io import save_branch_lora
+from musar.lora.io import save_branch_lora, save_lora_tensors
 from musar.train import checkpoint as ckpt
 from musar.train.config import TrainConfig
 
@@ -83,17 +82,6 @@ def mean_across(accelerator: Accelerator, value: float) -> float:
     return float(accelerator.reduce(t, reduction="mean").item())
 
 
-class _LoRAView:
-    """Just enough of a model for ``save_branch_lora``: its LoRA config and (name, tensor) pairs."""
-
-    def __init__(self, lora_config: Any, tensors: dict[str, torch.Tensor]) -> None:
-        self.lora_config = lora_config
-        self.tensors = tensors
-
-    def named_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
-        yield from self.tensors.items()
-
-
 def _gather_fsdp_lora(model: nn.Module) -> dict[str, torch.Tensor]:
     """Full LoRA tensors with plain names, one FSDP unit at a time (collective).
 
@@ -122,7 +110,7 @@ def save_lora(accelerator: Accelerator, model: nn.Module, transformer: nn.Module
     if is_fsdp(accelerator):
         tensors = _gather_fsdp_lora(model)
         if accelerator.is_main_process:
-            save_branch_lora(_LoRAView(transformer.lora_config, tensors), path, metadata=metadata)  # type: ignore[arg-type]
+            save_lora_tensors(transformer.lora_config, tensors, path, metadata=metadata)
         return
     if accelerator.is_main_process:
         save_branch_lora(transformer, path, metadata=metadata)

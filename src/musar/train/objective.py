@@ -1,4 +1,4 @@
-"""The training objective (DESIGN sec. 7) as pure, separately testable functions.
+"""The training objective (docs/design.md sec. 7) as pure, separately testable functions.
 
 Rectified flow exactly as FLUX is trained:
 
@@ -36,8 +36,8 @@ from musar.data import Batch
 from musar.errors import MusarError
 from musar.models.options import RoutingOptions
 from musar.models.transformer import ConditionInputs, condition_image_ids, latent_image_ids
-from musar.pipelines.spans import find_subject_spans, spans_tensor
 from musar.train.config import ObjectiveConfig
+from musar.utils.spans import find_subject_spans, spans_tensor
 
 # -- timesteps and the flow ----------------------------------------------------------------------
 

@@ -79,7 +79,7 @@ def lr_lambda(optim: OptimConfig, total_steps: int) -> Callable[[int], float]:
 def build_pipeline(cfg: TrainConfig) -> tuple[Any, torch.dtype]:
     """The frozen FLUX pipeline (tiny preset or pretrained) and its compute dtype."""
     if cfg.model.preset is not None:
-        from musar.pipelines.registry import get_preset
+        from musar.utils.registry import get_preset
 
         # the same base load_pipeline(preset=...) builds, without its default LoRA; fp32 on CPU
         return get_preset(cfg.model.preset).build(False), torch.float32

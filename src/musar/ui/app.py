@@ -19,7 +19,6 @@ from typing import Any
 import gradio as gr
 
 from musar.errors import MusarError
-from musar.pipelines.registry import get_preset
 from musar.ui.backend import NO_MAPS_NOTE, Studio
 from musar.ui.logic import (
     ATTENTION_BACKENDS,
@@ -35,6 +34,7 @@ from musar.ui.logic import (
     problems_html,
     row_hint,
 )
+from musar.utils.registry import get_preset
 
 MAX_SUBJECTS = 6  # rows built up front and shown/hidden: stabler in tests than dynamic rendering
 INITIAL_SUBJECTS = 2

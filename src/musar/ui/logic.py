@@ -7,7 +7,6 @@ refuses exactly what the CLI would refuse and says it in the same words.
 
 from __future__ import annotations
 
-import argparse
 import html
 import math
 import shlex
@@ -16,26 +15,27 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from musar.cli.generate import add_parser as add_generate_parser
 from musar.errors import MusarError
-from musar.utils.validation import CONDITION_SIZE, GUIDANCE, HEIGHT, SEED, STEPS, WIDTH, Number
+from musar.models.boxes import DEFAULT_OUTSIDE, OUTSIDE_POLICIES
+from musar.models.options import BACKENDS, DEFAULT_BACKEND
+from musar.utils.validation import (
+    CONDITION_FITS,
+    CONDITION_SIZE,
+    DEFAULT_CONDITION_FIT,
+    GUIDANCE,
+    HEIGHT,
+    SEED,
+    STEPS,
+    WIDTH,
+    Number,
+)
 
-
-def _generate_option(dest: str) -> tuple[tuple[str, ...], Any]:
-    """(choices, default) of one ``musar generate`` option.
-
-    The UI offers exactly what the CLI accepts, so the command it hands out always parses, and a
-    backend added to the CLI shows up here with no UI change.
-    """
-    sub = argparse.ArgumentParser(add_help=False).add_subparsers()
-    add_generate_parser(sub)
-    action = next(a for a in sub.choices["generate"]._actions if a.dest == dest)
-    return tuple(action.choices or ()), action.default
-
-
-ATTENTION_BACKENDS, DEFAULT_ATTENTION = _generate_option("attention")
-CONDITION_FITS, DEFAULT_CONDITION_FIT = _generate_option("condition_fit")
-OUTSIDE_BOXES, DEFAULT_OUTSIDE_BOXES = _generate_option("outside_boxes")
+# The choices and defaults of ``musar generate``'s --attention, --condition-fit and --outside-boxes,
+# read from the modules that declare them, so the command the UI hands out parses and a backend
+# added to RoutingOptions shows up here with no UI change (cli/args.py and cli/generate.py declare
+# the three options from these same names).
+ATTENTION_BACKENDS, DEFAULT_ATTENTION = BACKENDS, DEFAULT_BACKEND
+OUTSIDE_BOXES, DEFAULT_OUTSIDE_BOXES = OUTSIDE_POLICIES, DEFAULT_OUTSIDE  # all: S* routes the tokens outside every box
 
 
 @dataclass(frozen=True)
@@ -93,11 +93,11 @@ class Request:
     guidance: float
     seed: int
     condition_size: int = 512
-    condition_fit: str = "pad"
+    condition_fit: str = DEFAULT_CONDITION_FIT
     dynamic_routing: bool = True
     attention: str = DEFAULT_ATTENTION
     boxes: tuple[tuple[float, float, float, float] | None, ...] | None = None  # one per subject, or None
-    outside_boxes: str = "all"
+    outside_boxes: str = DEFAULT_OUTSIDE_BOXES
 
 
 def _number(value: Any, rule: Number, problems: list[Problem]) -> Any:
@@ -135,8 +135,8 @@ def _check_subjects(
     prompt: str, rows: Sequence[tuple[str | None, str | None]], problems: list[Problem]
 ) -> tuple[list[tuple[str, str]], list[int]]:
     """The complete subjects and the form rows they came from."""
-    from musar.pipelines.spans import find_phrase_chars
     from musar.utils.images import load_reference
+    from musar.utils.spans import find_phrase_chars
 
     subjects: list[tuple[str, str]] = []
     used: list[int] = []
@@ -311,7 +311,7 @@ def cli_command(
         # repr() of a float reads back as the same float: the command reproduces the boxes exactly
         box_args = [] if request.boxes is None else ["--box", *(["none"] if box is None else [repr(v) for v in box])]
         lines.append(["--subject", str(Path(image).resolve()), phrase, *box_args])
-    if request.boxes is not None and request.outside_boxes != "all":
+    if request.boxes is not None and request.outside_boxes != DEFAULT_OUTSIDE_BOXES:
         lines.append(["--outside-boxes", request.outside_boxes])
     lines += [
         ["--height", str(request.height), "--width", str(request.width)],

@@ -39,16 +39,18 @@ def type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _default(f: dataclasses.Field) -> str:
-    if f.default is not dataclasses.MISSING:
-        value = f.default
-    elif f.default_factory is not dataclasses.MISSING:
-        value = f.default_factory()
-    else:
-        return "(required)"
+def _show(value: Any) -> str:
     if isinstance(value, tuple):
         value = list(value)
     return "null" if value is None else repr(value)
+
+
+def _default(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        return _show(f.default)
+    if f.default_factory is not dataclasses.MISSING:
+        return _show(f.default_factory())
+    return "(required)"
 
 
 def _section_type(tp: Any) -> tuple[type | None, bool]:
@@ -62,8 +64,13 @@ def _section_type(tp: Any) -> tuple[type | None, bool]:
     return None, False
 
 
-def iter_keys(cls: type, prefix: str = "") -> Iterator[KeyDoc]:
-    """Every leaf key of dataclass ``cls``, sections flattened to dotted names, in field order."""
+def iter_keys(cls: type, prefix: str = "", base: Any = None) -> Iterator[KeyDoc]:
+    """Every leaf key of dataclass ``cls``, sections flattened to dotted names, in field order.
+
+    ``base``: the instance whose values are the defaults (a section's defaults are its parent's
+    default section, e.g. ``TrainConfig.routing`` is ``RoutingOptions(backend="fast")``, not
+    ``RoutingOptions()``); None = the class's own field defaults.
+    """
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if not f.init:
@@ -71,9 +78,18 @@ def iter_keys(cls: type, prefix: str = "") -> Iterator[KeyDoc]:
         key = f"{prefix}{f.name}"
         section, is_list = _section_type(hints[f.name])
         if section is not None and not is_list:
-            yield from iter_keys(section, key + ".")
+            if base is not None:
+                sub = getattr(base, f.name)
+            elif f.default_factory is not dataclasses.MISSING:
+                sub = f.default_factory()
+            elif f.default is not dataclasses.MISSING:
+                sub = f.default  # a frozen section instance, or None
+            else:
+                sub = None
+            yield from iter_keys(section, key + ".", sub)
             continue
-        yield KeyDoc(key, type_name(hints[f.name]), _default(f), str(f.metadata.get("help", "")))
+        default = _show(getattr(base, f.name)) if base is not None else _default(f)
+        yield KeyDoc(key, type_name(hints[f.name]), default, str(f.metadata.get("help", "")))
         if section is not None:  # a list of sections: document the items' keys too
             yield from iter_keys(section, key + "[].")
 

@@ -11,15 +11,14 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from musar.errors import MusarError
-from musar.utils.validation import DEFAULT_MAX_IMAGE_PIXELS
+from musar.utils.validation import CONDITION_FITS, DEFAULT_CONDITION_FIT, DEFAULT_MAX_IMAGE_PIXELS, Fit
 
-Fit = Literal["pad", "crop"]
 PAD_COLOUR = (255, 255, 255)  # references are mostly product-style shots on white
 # Our own limit on an input image's pixel count, checked from the header before decoding; read at
 # call time, like Pillow's Image.MAX_IMAGE_PIXELS. `--max-image-pixels` sets it for one run.
@@ -99,10 +98,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def fit_square(image: Image.Image, size: int, fit: Fit = "pad") -> Image.Image:
+def fit_square(image: Image.Image, size: int, fit: Fit = DEFAULT_CONDITION_FIT) -> Image.Image:
     """Square ``size`` x ``size`` image: pad the short side (default) or centre-crop the long one."""
-    if fit not in ("pad", "crop"):
-        raise MusarError(f"unknown reference fit {fit!r}; expected 'pad' or 'crop'")
+    if fit not in CONDITION_FITS:
+        raise MusarError(f"unknown reference fit {fit!r}; expected {' or '.join(map(repr, CONDITION_FITS))}")
     w, h = image.size
     if fit == "crop":
         return ImageOps.fit(image, (size, size), method=Image.Resampling.LANCZOS)
@@ -113,7 +112,7 @@ def fit_square(image: Image.Image, size: int, fit: Fit = "pad") -> Image.Image:
 
 
 def load_reference(
-    image: Image.Image | str | os.PathLike[str], size: int, fit: Fit = "pad", max_pixels: int | None = None
+    image: Image.Image | str | os.PathLike[str], size: int, fit: Fit = DEFAULT_CONDITION_FIT, max_pixels: int | None = None
 ) -> Image.Image:
     """A user's reference (path or PIL image, any mode) as an RGB ``size`` square."""
     if not isinstance(image, Image.Image):

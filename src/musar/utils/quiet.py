@@ -40,7 +40,7 @@ def _registered_component(message: str) -> bool:
     match = _EXPECTED_TYPES.search(message)
     if match is None:
         return False
-    from musar.pipelines.registry import registered_component_modules
+    from musar.utils.registry import registered_component_modules
 
     return match.group(1) in registered_component_modules()
 

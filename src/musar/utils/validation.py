@@ -25,6 +25,7 @@ import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 from musar.errors import MusarError
 
@@ -129,6 +130,12 @@ TOKENS = Number("token count", int, 1, 4096)
 REPEATS = Number("repeats", int, 1, 10_000)
 WARMUP = Number("warmup", int, 0, 1000)
 THREADS = Number("threads", int, 1, 1024)
+# How a reference becomes a square, offered by everything that generates (the CLI's
+# --condition-fit, the UI) and applied by musar.utils.images.fit_square. The attention backends
+# are musar.models.options.BACKENDS, the outside-boxes policies musar.models.boxes.OUTSIDE_POLICIES.
+Fit = Literal["pad", "crop"]
+CONDITION_FITS: tuple[str, ...] = get_args(Fit)
+DEFAULT_CONDITION_FIT: Fit = "pad"
 # Layout box coordinates are checked by musar.models.boxes.check_box (a box is 4 numbers or "none").
 
 RULES: tuple[Number, ...] = (
@@ -281,7 +288,7 @@ def check_model_source(spec: str, what: str = "model", marker: str = "model_inde
 
 
 def check_preset_name(name: str) -> None:
-    from musar.pipelines.registry import check_preset  # entry points only, no model module
+    from musar.utils.registry import check_preset  # entry points only, no model module
 
     check_preset(name)
 

@@ -9,7 +9,8 @@ module just because a folder names it, so :func:`import_registered_components` i
 registered module when a folder's ``model_index.json`` asks for it. A folder can never make us
 import anything that is not registered.
 
-Nothing here imports torch: the CLI checks preset names before loading any model.
+Nothing here imports torch or any layer above utils/: the CLI checks preset names before loading
+any model, and utils/ (quiet.py, validation.py) reads the registered names.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from musar.errors import MusarError
 
 PRESET_GROUP = "musar.presets"
 COMPONENT_GROUP = "musar.components"
+# Named as an entry point names it: a string, imported only by get_preset (no import upwards).
 BUILTIN_PRESETS: dict[str, str] = {"tiny": "musar.pipelines.presets:TINY"}
 
 

@@ -1,4 +1,4 @@
-"""Subject spans: where each subject phrase sits among the main prompt's tokens (DESIGN sec. 4).
+"""Subject spans: where each subject phrase sits among the main prompt's tokens (docs/design.md sec. 4).
 
 Phrases are located in the prompt *string* (case-insensitive, any run of whitespace matches any
 other, whole words only), then mapped to tokens through the fast tokenizer's character offsets.
