@@ -93,7 +93,8 @@ class Studio:
             image.save(tmp, format="PNG")
         grid_path, overlay_path = save_routing_maps(result, image, [p for _, p in refs], folder) or (None, None)
         command = cli_command(
-            self.source, request, folder / "cli.png", folder / "cli_routing" if grid_path is not None else None
+            self.source, request, folder / "cli.png", folder / "cli_routing" if grid_path is not None else None,
+            threads=torch.get_num_threads(),
         )
         record = Record(
             index=len(self.records) + 1,

@@ -302,9 +302,13 @@ def row_hint(problems: Sequence[Problem], subject: int) -> str:
 
 
 def cli_command(
-    source: ModelSource, request: Request, out: str | Path, routing_maps: str | Path | None = None
+    source: ModelSource, request: Request, out: str | Path, routing_maps: str | Path | None = None,
+    threads: int | None = None,
 ) -> str:
-    """A ``musar generate`` command line that reproduces ``request``'s image, one option a line."""
+    """A ``musar generate`` command line that reproduces ``request``'s image, one option a line.
+
+    ``threads``: the CPU threads the image was made with; CPU reductions round differently with
+    another thread count, so the command pins it to reproduce the image bit for bit."""
     lines: list[list[str]] = [["musar", "generate"], source.cli_args(), ["--prompt", request.prompt]]
     boxes = request.boxes or (None,) * len(request.subjects)
     for (image, phrase), box in zip(request.subjects, boxes):
@@ -319,6 +323,7 @@ def cli_command(
         ["--condition-size", str(request.condition_size), "--condition-fit", request.condition_fit],
         ["--attention", request.attention, *([] if request.dynamic_routing else ["--no-dynamic-routing"])],
         ["--out", str(Path(out).resolve())],
+        ["--threads", str(threads)] if threads is not None else [],
     ]
     if routing_maps is not None:
         lines.append(["--routing-maps", str(Path(routing_maps).resolve())])
