@@ -58,3 +58,33 @@ def test_cli_turns_a_hostile_yaml_into_one_line(tmp_path: Path) -> None:
     assert len(lines) == 1 and lines[0].startswith("musar train: error:") and "Traceback" not in done.stderr
     again = _musar("--traceback", "train", "--config", str(cfg))
     assert again.returncode != 0 and "Traceback" in again.stderr  # the flag shows what the line hid
+
+
+def test_the_ui_shows_the_line_the_cli_prints() -> None:
+    from musar.ui.logic import failure_problem
+
+    full = OSError(errno.ENOSPC, "No space left on device", "out.png")
+    problem, bug = failure_problem(full)
+    assert not bug and problem.text() == describe_failure(full)[1]  # type: ignore[index]
+    problem, bug = failure_problem(KeyError("x"))
+    assert bug and "internal error" in problem.text()
+
+
+@pytest.mark.parametrize("kind", ["gated", "missing", "offline", "diffusers"])
+def test_hub_failures_name_the_cure(kind: str) -> None:
+    import httpx
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    url = "https://huggingface.co/org/model/resolve/main/model_index.json"
+    response = {code: httpx.Response(code, request=httpx.Request("GET", url)) for code in (403, 404)}
+    exc: BaseException = {
+        "gated": GatedRepoError("403 gated", response=response[403]),
+        "missing": RepositoryNotFoundError("404", response=response[404]),
+        "offline": LocalEntryNotFoundError("Cannot find the requested files in the disk cache"),
+        "diffusers": OSError("black-forest-labs/FLUX.1-dev does not appear to have a file named config.json."),
+    }[kind]
+    got = describe_failure(exc)
+    assert got is not None and got[0] == 2 and "\n" not in got[1]
+    cure = {"gated": "accept its licence", "missing": "check the id", "offline": "local Hugging Face cache",
+            "diffusers": "huggingface-cli download black-forest-labs/FLUX.1-dev"}[kind]
+    assert cure in got[1]

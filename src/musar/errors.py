@@ -38,6 +38,38 @@ def _first_line(exc: BaseException) -> str:
     return text[0][:300] if text else type(exc).__name__
 
 
+_CACHE_CURE = ("download it where the hub is reachable (`huggingface-cli download {repo}`, after `huggingface-cli "
+               "login` and accepting its licence if it is gated) or give a local model folder")
+
+
+def hub_failure(exc: BaseException) -> str | None:
+    """One line for a model the hub cannot give us: gated, unknown, or not cached while offline.
+
+    huggingface_hub raises these from any ``from_pretrained``; diffusers and transformers rewrap
+    the uncached case as an ``OSError`` ("does not appear to have a file named ...") that never
+    says the cure, so both forms are read here, in one place, for every command.
+    """
+    hub = sys.modules.get("huggingface_hub.errors")
+    repo = getattr(exc, "repo_id", None) or "the model"
+    if hub is not None:
+        if isinstance(exc, getattr(hub, "GatedRepoError", ())):
+            return (f"{repo} is gated: log in with `huggingface-cli login` and accept its licence on its hub "
+                    "page, then run again (or give a local model folder)")
+        if isinstance(exc, getattr(hub, "RepositoryNotFoundError", ())):
+            return f"{repo} is not a model on the hub (or it is private): check the id, or give a local model folder"
+        offline = tuple(getattr(hub, n) for n in ("LocalEntryNotFoundError", "OfflineModeIsEnabled") if hasattr(hub, n))
+        if offline and isinstance(exc, offline):
+            return f"{repo} is not in the local Hugging Face cache and the hub is unreachable or offline; " + \
+                _CACHE_CURE.format(repo=repo if repo != "the model" else "<model id>")
+    text = str(exc)
+    if isinstance(exc, OSError) and "does not appear to have a file named" in text:
+        before = text.split(" does not appear", 1)[0].split()
+        name = before[-1] if before else "<model id>"
+        return (f"{name} is not a complete model in the local cache or folder (the hub may be unreachable); "
+                + _CACHE_CURE.format(repo=name))
+    return None
+
+
 def describe_failure(exc: BaseException) -> tuple[int, str] | None:
     """The one error boundary of every command: ``(exit code, one line)`` for a failure the user
     can act on, or None for a bug, which keeps its traceback.
@@ -48,6 +80,9 @@ def describe_failure(exc: BaseException) -> tuple[int, str] | None:
     """
     if isinstance(exc, MusarError):
         return 2, str(exc)
+    hub = hub_failure(exc)
+    if hub is not None:  # before OSError: the hub's errors subclass it
+        return 2, hub
     if isinstance(exc, _decode_errors()):  # before OSError: Pillow's decode errors subclass it
         return 2, f"cannot read the input: {type(exc).__name__}: {_first_line(exc)}"
     if isinstance(exc, OSError):

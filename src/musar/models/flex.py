@@ -1,13 +1,14 @@
 """The ``flex`` backend: routed attention as one FlexAttention call with a block-sparse mask.
 
-The mask is never evaluated element by element to find the blocks (``create_block_mask``
-costs 20 ms eager, docs/design.md sec. 9). Routing depends on a token only through its *class*
-(:func:`musar.models.routing.class_tables`), so
+The mask is never evaluated element by element to find the blocks (``create_block_mask`` is
+slow eager; bench/README.md has the reference numbers). Routing depends on a token only through
+its *class* (:func:`musar.models.routing.class_tables`), so
 
 1. every query row gets a class (NOISE rows: one class per route, "no condition" included) and
    the queries are sorted by class. PROMPT, NOISE routed to condition 0, NOISE routed to 1, ...,
-   NOISE routed to no condition, COND 0, COND 1, ... then form contiguous runs, so a query block mostly holds one class and whole key blocks of
-   the conditions it may not see drop out (1.48 ms vs 1.86 ms unsorted on an H100, sec. 9);
+   NOISE routed to no condition, COND 0, COND 1, ... then form contiguous runs, so a query block
+   mostly holds one class and whole key blocks of the conditions it may not see drop out (sorted
+   beats unsorted; bench/README.md has the numbers);
 2. a block's classes are a tiny (classes) 0/1 vector; two small matmuls against the class
    table say whether a (query block, key block) pair has any allowed pair (kept) and any
    forbidden pair (partial, needs the mask_mod) — no L x L tensor, O(L x classes) work;

@@ -6,7 +6,7 @@ Stages, each skipped when its output already exists (delete the output to redo a
 2. ``data``: 3000 brief training-split pairs -> ``pairs.parquet``;
 3. ``train``: every variant (``configs/toy_musar.yaml`` + overrides), ``jobs`` of them side by
    side, each in its own ``musar toy train`` process at one thread (on 2 cores two 1-thread runs
-   finish sooner than the same runs one after another at 2 threads: 29 against 34 min for four);
+   finish sooner than the same runs one after another at 2 threads; docs/toy.md has the times);
    a variant whose LoRA exists is skipped, so an interrupted chain resumes with the next one;
 4. ``report``: the gates and the Fig. 8 table -> ``report/``.
 

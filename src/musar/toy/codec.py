@@ -2,8 +2,7 @@
 
 Why learned, and why this shape. A first toy base used a lossless space-to-depth codec: 64x64
 images became 64 tokens of 192 raw pixel values, as wide as the 192-wide transformer itself. Its
-residual stream had no room left for anything but the pixels, and after 1500 steps (17 min on
-the CPU) it still sampled noisy colour fields. FLUX works in a compressed latent space for a
+residual stream had no room left for anything but the pixels, and after 1500 steps it still sampled noisy colour fields. FLUX works in a compressed latent space for a
 reason, so the toy does too: 64x64 RGB -> 16 x 16 x 16 latents (64 tokens of 64 values).
 
 * **Encoder**: pixel-unshuffle by 4, then convolutions at 16x16. All the work happens at the

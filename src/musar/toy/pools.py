@@ -1,8 +1,8 @@
 """The rendered training pools of base pretraining: captioned scenes and two-panel images.
 
-Rendering is ~0.3 ms a scene, so each pool is rendered once up front; the optimizer step is the
-cost. Every pool holds training-split identities only, so held-out test identities stay unseen by
-the base as well as by MUSAR. A pool keeps the grounding targets of its samples (subject spans in
+Rendering is cheap next to an optimizer step, so each pool is rendered once up front
+(pretraining logs the render time). Every pool holds training-split identities only, so held-out
+test identities stay unseen by the base as well as by MUSAR. A pool keeps the grounding targets of its samples (subject spans in
 the caption and token labels from the masks) next to the pixels.
 """
 

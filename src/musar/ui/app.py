@@ -18,7 +18,6 @@ from typing import Any
 
 import gradio as gr
 
-from musar.errors import MusarError
 from musar.ui.backend import NO_MAPS_NOTE, Studio
 from musar.ui.logic import (
     ATTENTION_BACKENDS,
@@ -27,10 +26,10 @@ from musar.ui.logic import (
     DEFAULT_CONDITION_FIT,
     DEFAULT_OUTSIDE_BOXES,
     OUTSIDE_BOXES,
-    Problem,
     Record,
     box_preview,
     check_request,
+    failure_problem,
     problems_html,
     row_hint,
 )
@@ -198,11 +197,11 @@ def build_app(studio: Studio, defaults: FormDefaults | None = None) -> gr.Blocks
             if request is not None:
                 try:
                     record = studio.generate(request, status=lambda msg: progress(0.0, desc=msg))
-                except MusarError as e:
-                    problems = [Problem(str(e))]
-                except Exception as e:  # a bug: say so in the page and keep serving
-                    traceback.print_exc(file=sys.stderr)
-                    problems = [Problem(f"internal error (a bug; traceback in the server log): {type(e).__name__}: {e}")]
+                except Exception as e:  # the CLI's boundary; a bug is logged and the page keeps serving
+                    problem, bug = failure_problem(e)
+                    if bug:
+                        traceback.print_exc(file=sys.stderr)
+                    problems = [problem]
             updates: dict[Any, Any] = {error: problems_html(problems), seed: seed_value}
             updates |= {hints[k]: row_hint(problems, k) for k in range(MAX_SUBJECTS)}
             if record is not None:

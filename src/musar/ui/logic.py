@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from musar.errors import MusarError
+from musar.errors import MusarError, describe_failure
 from musar.models.boxes import DEFAULT_OUTSIDE, OUTSIDE_POLICIES
 from musar.models.options import BACKENDS, DEFAULT_BACKEND
 from musar.utils.validation import (
@@ -79,6 +79,18 @@ class Problem:
 
     def text(self) -> str:
         return f"Subject {self.subject + 1}: {self.message}" if self.subject is not None else self.message
+
+
+def failure_problem(exc: BaseException) -> tuple[Problem, bool]:
+    """What the page shows for a failed generation, and whether it is a bug.
+
+    The same :func:`~musar.errors.describe_failure` as the CLI decides, so a disk that is full or
+    a hostile file reads the same in the page as in the terminal.
+    """
+    failure = describe_failure(exc)
+    if failure is None:
+        return Problem(f"internal error (a bug; traceback in the server log): {type(exc).__name__}: {exc}"), True
+    return Problem(failure[1]), False
 
 
 @dataclass(frozen=True)
