@@ -17,7 +17,7 @@ from musar.cli.args import HelpFormatter, add, add_attention, add_threads, torch
 from musar.errors import MusarError
 from musar.models.boxes import DEFAULT_OUTSIDE, OUTSIDE_POLICIES
 from musar.pipelines import quantization_spec as quant
-from musar.utils.io import atomic_write_json, write_image_and_sidecar
+from musar.utils.io import write_image_and_sidecar
 from musar.utils.validation import (
     CONDITION_FITS,
     CONDITION_SIZE,
@@ -68,7 +68,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="a reference image and its phrase in the prompt (repeat for more subjects)",
     )
     src = p.add_mutually_exclusive_group()
-    add(src, "--model", default=None, check=value(check_model_source),
+    add(src, "--model", default=None, check=value(_check_model),
         help="hub id or local folder of FLUX.1 (default: black-forest-labs/FLUX.1-dev unless --preset)")
     add(src, "--preset", default=None, check=value(check_preset_name),
         help="a registered preset instead of --model: 'tiny' (random weights, smoke runs) or 'toy' (no download); "
@@ -94,7 +94,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
              f"(at most {MAX_IMAGE_PIXELS.hi:,})")
     add(p, "--out", default="musar.png", check=value(check_image_output),
         help="output PNG; a .json sidecar is written next to it")
-    add(p, "--routing-maps", default=None, metavar="DIR", check=value(_check_maps_dir),
+    add(p, "--routing-maps", default=None, metavar="DIR", check=_check_maps_dir,
         help="write routing maps (Fig. 5 style) here (default: none)")
     add(p, "--no-dynamic-routing", action="store_true", help="static routing only")
     add(
@@ -127,7 +127,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+# What --routing-maps DIR gets (musar.pipelines.routing_maps.routing_map_writers; a test keeps them equal).
 ROUTING_MAP_FILES = ("routing_grid.png", "route_overlay.png", "routing.json")
+
+
+def planned_outputs(args: argparse.Namespace) -> list[Path]:
+    """Every file this run will write: the image, its sidecar, the routing maps."""
+    out = Path(args.out).expanduser()
+    paths = [out, sidecar_path(out)]
+    if args.routing_maps is not None:
+        paths += [Path(args.routing_maps).expanduser() / name for name in ROUTING_MAP_FILES]
+    return paths
+
+
+def check_distinct_outputs(paths: list[Path]) -> None:
+    """Refuse two outputs of one run at the same file (after symlinks and ``..``): one would
+    silently overwrite the other, and the image would no longer match its sidecar."""
+    seen: dict[Path, Path] = {}
+    for path in paths:
+        key = path.resolve()
+        if key in seen:
+            raise MusarError(f"{path} would be written twice in one run (also as {seen[key]}); give --out and "
+                             f"--routing-maps paths that do not collide")
+        seen[key] = path
 
 
 def resolve_generation(args: argparse.Namespace, names: tuple[str, ...] = GENERATION_FLAGS) -> argparse.Namespace:
@@ -174,8 +196,16 @@ def _check_outside(outside: str, args: argparse.Namespace) -> None:
         raise MusarError(f"--outside-boxes {outside} needs --box: it says what tokens outside every box read")
 
 
-def _check_maps_dir(folder: str) -> None:
+def _check_model(spec: str) -> None:
+    from musar.pipelines.model_folder import check_model_folder  # torch-free: reads JSON only
+
+    check_model_source(spec)
+    check_model_folder(spec, resolve_classes=False)  # classes are resolved by from_pretrained
+
+
+def _check_maps_dir(folder: str, args: argparse.Namespace) -> None:
     check_output_dir(folder, ROUTING_MAP_FILES)
+    check_distinct_outputs(planned_outputs(args))
 
 
 def _check_subjects(subjects: list[list[str]], args: argparse.Namespace) -> None:
@@ -194,6 +224,7 @@ def run(args: argparse.Namespace) -> int:
 
     images.MAX_IMAGE_PIXELS = args.max_image_pixels  # the pipeline re-reads the references
     out = Path(args.out)
+    check_distinct_outputs(planned_outputs(args))  # also for callers that skip validate()
     resolve_generation(args)  # the preset's defaults (else FLUX's) for every flag left out
     boxes = check_box_args(args)
     with torch_threads(args.threads) as threads:
@@ -237,11 +268,20 @@ def _generate(args: argparse.Namespace, out: Path, boxes: list[Any] | None, thre
     )
     image = result.images[0]
     sidecar = _sidecar(args, pipe, result.timings | {"load_s": load_s}, boxes, result.routing, threads)
-    # One unit: whenever out exists, the sidecar beside it is its own (see write_image_and_sidecar).
-    write_image_and_sidecar(out, lambda tmp: image.save(tmp, format="PNG"), sidecar)
+    # The maps are staged (written, not yet in place) before the image: a failure anywhere (a full
+    # disk) then changes none of the run's files, and they move into place only after the pair.
+    maps = _stage_routing_maps(args, result, image) if args.routing_maps else None
+    try:
+        # Whenever out exists, the sidecar beside it is its own (see write_image_and_sidecar).
+        write_image_and_sidecar(out, lambda tmp: image.save(tmp, format="PNG"), sidecar)
+        if maps is not None:
+            maps.commit()
+    finally:
+        if maps is not None:
+            maps.discard()
     print(f"wrote {out} and {sidecar_path(out)}")
-    if args.routing_maps:
-        _write_routing_maps(Path(args.routing_maps), result, image, [p for _, p in args.subject], args.outside_boxes)
+    if maps is not None:
+        print(f"wrote routing maps to {args.routing_maps}/ ({', '.join(ROUTING_MAP_FILES)})")
     return 0
 
 
@@ -288,16 +328,16 @@ def _sidecar(
     }
 
 
-def _write_routing_maps(folder: Path, result: Any, image: Any, phrases: list[str], outside_boxes: str) -> None:
-    from musar.pipelines.routing_maps import save_routing_maps
+def _stage_routing_maps(args: argparse.Namespace, result: Any, image: Any) -> Any:
+    from musar.pipelines.routing_maps import stage_routing_maps
 
-    if save_routing_maps(result, image, phrases, folder) is None:
-        print("musar: no routing maps: dynamic routing only acts with 2+ subjects (or boxes) and routing on", file=sys.stderr)
-        return
+    phrases = [p for _, p in args.subject]
     boxes = result.boxes
-    extra = {
-        "phrases": phrases, "grid": list(result.grid), "outside_boxes": outside_boxes,
+    record = {
+        "phrases": phrases, "grid": list(result.grid), "outside_boxes": args.outside_boxes,
         "boxes": None if boxes is None else [None if b is None else list(b) for b in boxes],
     }
-    atomic_write_json(folder / "routing.json", result.routing.to_dict() | extra)
-    print(f"wrote routing maps to {folder}/ (routing_grid.png, route_overlay.png)")
+    staged = stage_routing_maps(result, image, phrases, Path(args.routing_maps), record)
+    if staged is None:
+        print("musar: no routing maps: dynamic routing only acts with 2+ subjects (or boxes) and routing on", file=sys.stderr)
+    return staged

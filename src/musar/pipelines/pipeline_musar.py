@@ -26,6 +26,7 @@ from musar.models.options import RoutingOptions
 from musar.models.transformer import ConditionInputs, MusarTransformer
 from musar.pipelines.conditions import encode_references
 from musar.pipelines.lora_loading import MusarLoraLoaderMixin
+from musar.pipelines.model_folder import check_model_folder
 from musar.pipelines.pipeline_output import MusarPipelineOutput
 from musar.pipelines.routing_maps import RoutingRecorder
 from musar.pipelines.step_callbacks import StepCallback, callback_inputs, run_step_callback
@@ -63,6 +64,15 @@ def split_quantization_config(config: Any) -> tuple[Any, Any]:
 Subject = tuple[Image.Image | str | os.PathLike[str], str]
 
 
+def check_finite(tensor: torch.Tensor, what: str) -> None:
+    """One line instead of silent garbage when ``tensor`` holds NaN or infinity."""
+    if not bool(torch.isfinite(tensor).all()):
+        raise MusarError(
+            f"{what} contain NaN/inf; the weights (a LoRA, a quantisation) or the settings overflowed "
+            f"{str(tensor.dtype).removeprefix('torch.')}; nothing was written"
+        )
+
+
 class MusarPipeline(MusarLoraLoaderMixin, FluxPipeline):
     """FLUX.1 with MUSAR multi-subject conditioning. See ``__call__``; LoRAs: ``load_lora_weights``."""
 
@@ -73,6 +83,8 @@ class MusarPipeline(MusarLoraLoaderMixin, FluxPipeline):
         ``quantization_config``: a diffusers config (the transformer alone) or a
         ``PipelineQuantizationConfig`` (also T5 etc.), see :mod:`musar.pipelines.quantization`.
         """
+        # A local folder's index and configs are judged before anything is imported or allocated.
+        check_model_folder(pretrained_model_name_or_path)
         import_registered_components(pretrained_model_name_or_path)
         transformer_quant, kwargs["quantization_config"] = split_quantization_config(kwargs.pop("quantization_config", None))
         transformer_kwargs = {k: v for k, v in (("quantization_config", transformer_quant), ("device_map", kwargs.get("device_map"))) if v}
@@ -277,14 +289,20 @@ class MusarPipeline(MusarLoraLoaderMixin, FluxPipeline):
         self._current_timestep = None
         t_denoise = time.perf_counter()
 
-        if output_type == "latent":
-            out_images: Any = latents
-        else:
-            unpacked = self._unpack_latents(latents, height, width, self.vae_scale_factor)
-            unpacked = unpacked / self.vae.config.scaling_factor + self.vae.config.shift_factor
-            decoded = self.vae.decode(unpacked.to(self.vae.dtype), return_dict=False)[0]
-            out_images = self.image_processor.postprocess(decoded, output_type=output_type)
-        self.maybe_free_model_hooks()
+        try:
+            # A NaN/inf would become a black or clipped image that looks like a result: refuse it
+            # before anything is decoded or returned, so no caller can save it.
+            check_finite(latents, "the denoised latents")
+            if output_type == "latent":
+                out_images: Any = latents
+            else:
+                unpacked = self._unpack_latents(latents, height, width, self.vae_scale_factor)
+                unpacked = unpacked / self.vae.config.scaling_factor + self.vae.config.shift_factor
+                decoded = self.vae.decode(unpacked.to(self.vae.dtype), return_dict=False)[0]
+                check_finite(decoded, "the decoded pixels")
+                out_images = self.image_processor.postprocess(decoded, output_type=output_type)
+        finally:
+            self.maybe_free_model_hooks()
         timings = {"encode_s": t_encode - t0, "denoise_s": t_denoise - t_encode, "total_s": time.perf_counter() - t0}
         if not return_dict:
             return (out_images,)

@@ -5,6 +5,8 @@ It keeps, per denoising step, S* averaged over heads and layers, and how often e
 took each route (the routes the attention actually used, given routes and boxes included).
 :func:`save_routing_grid` draws rows = conditions, columns = steps; :func:`route_overlay`
 colours the routes of a step over the generated image. Both draw the subject boxes if any.
+:func:`save_routing_maps` writes a generation's maps (and ``routing.json``) as one unit: every
+file is staged beside its target first, so a failure (a full disk) leaves the old maps whole.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from PIL import Image, ImageDraw
 
 from musar.models.attention import RouteRecord
 from musar.models.boxes import Box
-from musar.utils.io import atomic_path
+from musar.utils.io import StagedFiles, Writer, atomic_path, json_writer
 
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60)]
 NO_CONDITION_COLOUR = (90, 90, 90)  # tokens that read no condition (outside every box with outside_boxes="none")
@@ -139,7 +141,21 @@ def save_routing_grid(
     cell: int = 96,
     boxes: Sequence[Box | None] | None = None,
 ) -> Path:
-    """PNG: one row per condition (S*, brighter = more affinity) plus a row of the routes taken.
+    """PNG of :func:`routing_grid` at ``path``."""
+    sheet = routing_grid(recorder, grid, labels, cell, boxes)
+    with atomic_path(path) as tmp:
+        sheet.save(tmp, format="PNG")
+    return Path(path)
+
+
+def routing_grid(
+    recorder: RoutingRecorder,
+    grid: tuple[int, int],
+    labels: list[str],
+    cell: int = 96,
+    boxes: Sequence[Box | None] | None = None,
+) -> Image.Image:
+    """One row per condition (S*, brighter = more affinity) plus a row of the routes taken.
 
     With ``boxes``, row k shows subject k's box and the routes row shows every box.
     """
@@ -179,9 +195,7 @@ def save_routing_grid(
     if any_none:
         draw.rectangle((2, y + 16, 12, y + 26), fill=NO_CONDITION_COLOUR)
         draw.text((16, y + 14), "no condition", fill=(0, 0, 0))
-    with atomic_path(path) as tmp:
-        sheet.save(tmp, format="PNG")
-    return Path(path)
+    return sheet
 
 
 def route_overlay(
@@ -203,22 +217,52 @@ def route_overlay(
     return out
 
 
+def _png(image: Image.Image) -> Writer:
+    return lambda tmp: image.save(tmp, format="PNG")
+
+
+def routing_map_writers(
+    result: Any, image: Image.Image, phrases: Sequence[str], folder: str | os.PathLike[str],
+    record: dict[str, Any] | None = None,
+) -> dict[Path, Writer] | None:
+    """``{path: write(tmp)}`` of one generation's maps in ``folder`` (None when nothing was
+    routed); ``record``: extra fields of a ``routing.json`` written with them (None: no JSON)."""
+    rec = result.routing
+    if rec is None or not rec.steps:
+        return None
+    folder = Path(folder)
+    sheet = routing_grid(rec, result.grid, list(phrases), boxes=result.boxes)
+    overlay = route_overlay(image, rec.routes(rec.steps[-1])[0], result.grid, boxes=result.boxes, num_conditions=len(phrases))
+    writers = {folder / "routing_grid.png": _png(sheet), folder / "route_overlay.png": _png(overlay)}
+    if record is not None:
+        writers[folder / "routing.json"] = json_writer(rec.to_dict() | record)
+    return writers
+
+
+def stage_routing_maps(
+    result: Any, image: Image.Image, phrases: Sequence[str], folder: str | os.PathLike[str],
+    record: dict[str, Any] | None = None,
+) -> StagedFiles | None:
+    """The maps of :func:`routing_map_writers`, written beside their targets, not yet in place:
+    a caller that writes more files (the image) commits them once everything is written."""
+    writers = routing_map_writers(result, image, phrases, folder, record)
+    return None if writers is None else StagedFiles(writers)
+
+
 def save_routing_maps(
-    result: Any, image: Image.Image, phrases: Sequence[str], folder: str | os.PathLike[str]
+    result: Any, image: Image.Image, phrases: Sequence[str], folder: str | os.PathLike[str],
+    record: dict[str, Any] | None = None,
 ) -> tuple[Path, Path] | None:
-    """``routing_grid.png`` and ``route_overlay.png`` of one generation in ``folder``.
+    """``routing_grid.png`` and ``route_overlay.png`` (and ``routing.json`` with ``record``) of
+    one generation in ``folder``, as one unit.
 
     ``result``: a pipeline output called with ``return_routing=True``; ``image`` its image. The
     overlay shows the routes of the last recorded step. None (nothing written) when no routing
     was recorded: dynamic routing acts only with 2+ subjects or boxes, and when it is on.
     """
-    rec = result.routing
-    if rec is None or not rec.steps:
+    staged = stage_routing_maps(result, image, phrases, folder, record)
+    if staged is None:
         return None
-    folder = Path(folder)
-    grid_path = save_routing_grid(rec, result.grid, list(phrases), folder / "routing_grid.png", boxes=result.boxes)
-    overlay = route_overlay(image, rec.routes(rec.steps[-1])[0], result.grid, boxes=result.boxes, num_conditions=len(phrases))
-    overlay_path = folder / "route_overlay.png"
-    with atomic_path(overlay_path) as tmp:
-        overlay.save(tmp, format="PNG")
+    with staged:
+        grid_path, overlay_path = staged.commit()[:2]
     return grid_path, overlay_path

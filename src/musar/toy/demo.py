@@ -8,7 +8,10 @@ Loads ``load_pipeline(preset="toy")`` (trained base + full MUSAR LoRA, package d
 * draws a contact sheet of 8 more held-out cases, each framed green (composed right) or red;
 * prints "k of N composed right" and what failed.
 
-Every case was fixed in a commit before the training of the shipped weights (issue 21).
+Every case was fixed in a commit before the training of the shipped weights (issue 21). Every
+file of a run is written as one unit (:func:`musar.utils.io.write_unit`) once all cases are drawn:
+a failure (a full disk, an interrupt) leaves the previous run's files together, never one run's
+image beside another's JSON.
 """
 
 from __future__ import annotations
@@ -19,13 +22,13 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from musar.pipelines.routing_maps import save_routing_maps
+from musar.pipelines.routing_maps import routing_map_writers
 from musar.toy.analyser import Verdict, evaluate, object_phrase
 from musar.toy.cases import Case, generate_case, make_cases
 from musar.toy.metrics import late_steps, routing_accuracy, scene_token_labels
 from musar.toy.sampling import AffinityTap, tapped
 from musar.toy.world import subject_phrase, where
-from musar.utils.io import atomic_write_json, atomic_write_text
+from musar.utils.io import Writer, json_writer, text_writer, write_unit
 
 EXAMPLES = Path("examples/toy")
 DEMO_CASE = 4  # a same-shape held-out pair: the case routing exists for
@@ -56,13 +59,16 @@ def sheet_cases() -> list[Case]:
 def write_examples(folder: str | Path = EXAMPLES) -> Path:
     """The demo's two reference PNGs plus demo.json (prompt, phrases) under ``folder``."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     case = demo_case()
-    for name, img in zip(("ref_a.png", "ref_b.png"), case.reference_images(), strict=True):
-        img.save(folder / name)
-    atomic_write_json(folder / "demo.json", {"prompt": case.prompt, "phrases": list(case.phrases),
-                                             "references": ["ref_a.png", "ref_b.png"], "case": DEMO_CASE})
+    writers = {folder / name: _png(img) for name, img in zip(("ref_a.png", "ref_b.png"), case.reference_images(), strict=True)}
+    writers[folder / "demo.json"] = json_writer({"prompt": case.prompt, "phrases": list(case.phrases),
+                                                 "references": ["ref_a.png", "ref_b.png"], "case": DEMO_CASE})
+    write_unit(writers)
     return folder
+
+
+def _png(image: Image.Image) -> Writer:
+    return lambda tmp: image.save(tmp, format="PNG")
 
 
 def composed_right(verdict: Verdict) -> bool:
@@ -112,17 +118,15 @@ def compose(pipe: object, case: Case, seed: int, refs: list[Image.Image] | None 
     return Composed(case, images[0], evaluate(images[0], case.identities, case.scene), accuracy, result)
 
 
-def _write_case(done: Composed, folder: Path, refs: list[Image.Image]) -> str:
-    folder.mkdir(parents=True, exist_ok=True)
+def _case_files(done: Composed, folder: Path, refs: list[Image.Image]) -> tuple[str, dict[Path, Writer]]:
+    """The printed verdict of one case and its files (not yet written)."""
     big = done.image.resize((256, 256), Image.NEAREST)
-    done.image.save(folder / "composition.png")
-    big.save(folder / "composition_x4.png")
-    for i, ref in enumerate(refs):
-        ref.save(folder / f"ref_{'abcd'[i]}.png")
-    save_routing_maps(done.result, big, done.case.phrases, folder)  # type: ignore[arg-type]
+    writers = {folder / "composition.png": _png(done.image), folder / "composition_x4.png": _png(big)}
+    writers |= {folder / f"ref_{'abcd'[i]}.png": _png(ref) for i, ref in enumerate(refs)}
+    writers |= routing_map_writers(done.result, big, done.case.phrases, folder) or {}
     text = f"prompt: {done.case.prompt}\n" + verdict_text(done.verdict, done.case.phrases, done.routing) + "\n"
-    atomic_write_text(folder / "verdict.txt", text + "\nanalyser, in full:\n" + done.verdict.describe() + "\n")
-    return text
+    writers[folder / "verdict.txt"] = text_writer(text + "\nanalyser, in full:\n" + done.verdict.describe() + "\n")
+    return text, writers
 
 
 def contact_sheet(done: list[Composed], scale: int = 2, pad: int = 4) -> Image.Image:
@@ -148,7 +152,6 @@ def run_demo(out: str | Path, seed: int = 0, examples: str | Path = EXAMPLES) ->
 
     t0 = time.perf_counter()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline(preset="toy", device="cpu")
     case = demo_case()
     refs = case.reference_images()
@@ -156,15 +159,17 @@ def run_demo(out: str | Path, seed: int = 0, examples: str | Path = EXAMPLES) ->
     if (ex / "ref_a.png").is_file() and (ex / "ref_b.png").is_file():
         refs = [Image.open(ex / "ref_a.png").convert("RGB"), Image.open(ex / "ref_b.png").convert("RGB")]
     fixed = [(case, refs, out)] + [(scale_case(c), scale_case(c).reference_images(), out / f"{c}_subjects") for c in SCALE_CASES]
-    texts, record = [], []
+    texts, record, files = [], [], {}
     for c, r, folder in fixed:
         done = compose(pipe, c, seed, r)
-        texts.append(_write_case(done, folder, r))
+        text, case_files = _case_files(done, folder, r)
+        texts.append(text)
+        files |= case_files
         record.append({"subjects": len(c.identities), "prompt": c.prompt, "phrases": list(c.phrases), "right": done.right,
                        "all_present": done.verdict.all_present, "leaks": done.verdict.leaks, "routing_accuracy": done.routing,
                        "folder": str(folder)})
     sheet = [compose(pipe, c, seed) for c in sheet_cases()]
-    contact_sheet(sheet).save(out / "contact_sheet.png")
+    files[out / "contact_sheet.png"] = _png(contact_sheet(sheet))
     marks = [d.right for d in sheet]
     everything = [r["right"] for r in record] + marks
     failed = [f"{r['subjects']}-subject fixed case" for r in record if not r["right"]] + [
@@ -175,9 +180,10 @@ def run_demo(out: str | Path, seed: int = 0, examples: str | Path = EXAMPLES) ->
                + ("failed: " + ", ".join(failed) if failed else "nothing failed") + "\n")
     text = "\n".join(texts) + "\ncontact sheet (contact_sheet.png, green = composed right): " + " ".join(
         "ok" if m else "x" for m in marks) + "\n" + summary
-    atomic_write_json(out / "demo.json", {"seed": seed, "fixed": record, "sheet": [
+    files[out / "demo.json"] = json_writer({"seed": seed, "fixed": record, "sheet": [
         {"subjects": len(d.case.identities), "prompt": d.case.prompt, "right": d.right, "routing_accuracy": d.routing} for d in sheet],
         "composed_right": sum(everything), "cases": len(everything), "wall_s": round(time.perf_counter() - t0, 2)})
+    write_unit(files)
     return text + f"wrote {out}/ (composition.png, routing_grid.png, 3_subjects/, 4_subjects/, contact_sheet.png) in {time.perf_counter() - t0:.1f}s"
 
 

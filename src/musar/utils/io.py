@@ -4,18 +4,24 @@ Every file goes to a temporary name in its target folder, gets :func:`file_mode`
 ``open()`` would give under the current umask, for every file we write, whatever library wrote
 the bytes), is ``fsync``'d, renamed onto its final name, and the folder is ``fsync``'d so the
 rename itself survives a power cut. :func:`write_image_and_sidecar` extends this to an image and
-its JSON sidecar, which must never disagree.
+its JSON sidecar, which must never disagree (also when two writers race for one target), and
+:func:`write_unit` to several files that must change together (routing maps, a demo's outputs).
+
+A write that fails because the machine ran out of something (disk full, an I/O error) keeps its
+``OSError``, so the CLI reports it as a runtime failure (exit 1); only a path the user got wrong
+becomes a :class:`~musar.errors.MusarError` (exit 2).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -69,12 +75,23 @@ def finish_file(path: str | os.PathLike[str]) -> None:
     fsync_file(path)
 
 
+# errnos that say the machine, not the path, failed: they stay OSErrors (exit 1, "disk full").
+_RUNTIME_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOMEM, errno.EROFS})
+
+
+def _path_error(e: OSError, what: str) -> Exception:
+    """The exception to raise for ``e``: the OSError itself where the machine failed, else one line."""
+    if e.errno in _RUNTIME_ERRNOS:
+        return e
+    return MusarError(f"{what}: {e.strerror or e}")
+
+
 def _temp_beside(path: Path) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
     except OSError as e:
-        raise MusarError(f"cannot write to {path}: {e.strerror or e}") from None
+        raise _path_error(e, f"cannot write to {path}") from None
     os.close(fd)
     return Path(tmp)
 
@@ -131,6 +148,31 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
+@contextlib.contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive advisory lock (``flock``) on ``folder`` itself, for a few renames.
+
+    The folder, not a ``.lock`` file: a lock file is either left behind in every output folder
+    or removed, and removing one races (a writer that opened it before the unlink and one that
+    creates a new one would both hold "the" lock). Every writer of an image pair in ``folder``
+    waits for the others' renames, which take microseconds. Where folders cannot be locked
+    (no ``fcntl``, some network file systems) the writers run unlocked, as before.
+    """
+    try:
+        import fcntl
+
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):  # unlockable here: the renames are still each atomic
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 def write_image_and_sidecar(
     path: str | os.PathLike[str], write_image: Callable[[Path], Any], sidecar: dict[str, Any]
 ) -> tuple[Path, Path]:
@@ -147,7 +189,8 @@ def write_image_and_sidecar(
     Whenever the image exists, the sidecar beside it is its own: a crash after step 2 leaves no
     image (a sidecar alone, old or new, describes nothing), never an image beside another
     image's sidecar. The price is that a crash between steps 2 and 4 loses the old image, which
-    the caller was replacing anyway.
+    the caller was replacing anyway. Steps 2-4 hold :func:`folder_lock`, so two writers of the
+    same target (threads or processes) cannot interleave them and cross their pairs.
     """
     image_path = Path(path)
     json_path = sidecar_path(image_path)
@@ -163,11 +206,12 @@ def write_image_and_sidecar(
         tmp_json.write_text(json_text(record, strict=True), encoding="utf-8")
         finish_file(tmp_json)
         try:
-            image_path.unlink(missing_ok=True)
-            os.replace(tmp_json, json_path)
-            os.replace(tmp_image, image_path)
+            with folder_lock(image_path.parent):
+                image_path.unlink(missing_ok=True)
+                os.replace(tmp_json, json_path)
+                os.replace(tmp_image, image_path)
         except OSError as e:
-            raise MusarError(f"cannot write {image_path} and its sidecar: {e.strerror or e}") from None
+            raise _path_error(e, f"cannot write {image_path} and its sidecar") from None
         fsync_dir(image_path.parent)
         if json_path.parent != image_path.parent:
             fsync_dir(json_path.parent)
@@ -176,3 +220,73 @@ def write_image_and_sidecar(
             if tmp is not None and tmp.exists():
                 tmp.unlink()
     return image_path, json_path
+
+
+Writer = Callable[[Path], Any]
+
+
+class StagedFiles:
+    """Files written to temporaries beside their targets, moved into place together by :meth:`commit`.
+
+    Everything that can fail for want of space (encoding, writing, ``fsync``) happens while
+    staging, before any target changes; :meth:`commit` only renames. :meth:`discard` (also on
+    leaving the ``with`` block) removes whatever temporaries remain, so a failure leaves the old
+    files and no temporary.
+    """
+
+    def __init__(self, writers: Mapping[str | os.PathLike[str], Writer]) -> None:
+        targets = [Path(p) for p in writers]
+        if len({p.absolute() for p in targets}) != len(targets):
+            raise MusarError(f"two outputs of one unit share a path: {', '.join(map(str, targets))}")
+        check_output_files(targets)
+        self._temps: dict[Path, Path] = {}
+        try:
+            for target, write in zip(targets, writers.values(), strict=True):
+                self._temps[target] = tmp = _temp_beside(target)
+                write(tmp)
+                finish_file(tmp)
+        except BaseException:
+            self.discard()
+            raise
+
+    @property
+    def targets(self) -> list[Path]:
+        return list(self._temps)
+
+    def commit(self) -> list[Path]:
+        try:
+            for target, tmp in self._temps.items():
+                os.replace(tmp, target)
+        except OSError as e:
+            raise _path_error(e, f"cannot move {target} into place") from None
+        finally:
+            self.discard()
+        for folder in {t.parent for t in self._temps}:
+            fsync_dir(folder)
+        return self.targets
+
+    def discard(self) -> None:
+        for tmp in self._temps.values():
+            if tmp.exists():
+                tmp.unlink()
+
+    def __enter__(self) -> StagedFiles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.discard()
+
+
+def write_unit(writers: Mapping[str | os.PathLike[str], Writer]) -> list[Path]:
+    """Write several files as one unit: ``{path: write(tmp_path)}``; all change, or none does."""
+    with StagedFiles(writers) as staged:
+        return staged.commit()
+
+
+def text_writer(text: str) -> Writer:
+    return lambda p: p.write_text(text, encoding="utf-8")
+
+
+def json_writer(obj: Any, strict: bool = False) -> Writer:
+    text = json_text(obj, strict)  # serialised now: a NaN fails before anything is staged
+    return text_writer(text)
