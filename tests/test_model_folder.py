@@ -140,3 +140,14 @@ def test_the_cli_refuses_the_folder_before_importing_a_model(
     err = capsys.readouterr().err
     assert rc == 2 and "argument --model: transformer config" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_offline_hub_id_not_in_the_cache_names_the_cure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(MusarError, match=r"not in the local Hugging Face cache.*huggingface-cli download org/model"):
+        check_model_folder("org/model")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    check_model_folder("org/model")  # online, diffusers may download it: nothing to refuse yet

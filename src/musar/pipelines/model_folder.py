@@ -61,9 +61,11 @@ def check_model_folder(folder: str | os.PathLike[str], resolve_classes: bool = T
     """Refuse a local pipeline folder whose index or component configs are broken, hostile or
     too big, with one line naming the file and the key. ``resolve_classes=False`` skips importing
     diffusers/transformers to check the index's class names (the CLI's pre-import check)."""
+    spec = str(folder)
     folder = Path(folder).expanduser()
     if not folder.is_dir():
-        return  # a hub id: diffusers downloads and reads it
+        check_hub_model(spec)  # a hub id: diffusers downloads and reads it, unless offline
+        return
     index_path = folder / "model_index.json"
     index = read_json(index_path, "model index", expect=dict)
     where = f"model index {index_path}"
@@ -83,6 +85,27 @@ def check_model_folder(folder: str | os.PathLike[str], resolve_classes: bool = T
         config = folder / key / CONFIG_NAMES.get(key, "config.json")
         if not _is_empty(index.get(key)) and config.is_file():
             check_component_config(config, key)
+
+
+def check_hub_model(spec: str) -> None:
+    """Offline (``HF_HUB_OFFLINE=1``), a hub id must already be in the local cache: say so at once
+    and name the cure, instead of diffusers' "does not appear to have a file named config.json"
+    after it has tried every component."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if not constants.HF_HUB_OFFLINE:
+        return
+    repo, _, revision = spec.partition("@")
+    try:
+        cached = try_to_load_from_cache(repo, "model_index.json", revision=revision or None)
+    except ValueError:  # not a valid repo id: the caller's own id check words that
+        return
+    if not isinstance(cached, str):
+        raise MusarError(
+            f"{spec} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading it; "
+            f"download it where the hub is reachable (`huggingface-cli download {repo}`, after `huggingface-cli "
+            "login` and accepting its licence if it is gated) or give a local model folder"
+        )
 
 
 def _is_empty(entry: Any) -> bool:

@@ -20,7 +20,7 @@ import torch
 from diffusers.pipelines.flux.pipeline_flux import FluxPipeline, calculate_shift, retrieve_timesteps
 from PIL import Image
 
-from musar.errors import MusarError
+from musar.errors import MusarError, hub_failure
 from musar.models.boxes import box_candidates, check_boxes
 from musar.models.options import RoutingOptions
 from musar.models.transformer import ConditionInputs, MusarTransformer
@@ -109,6 +109,9 @@ class MusarPipeline(MusarLoraLoaderMixin, FluxPipeline):
                 )
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         except (OSError, ValueError) as e:
+            hub = hub_failure(e)  # gated, unknown or uncached: the line names the cure
+            if hub is not None:
+                raise MusarError(hub) from None
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise MusarError(f"cannot load model {str(pretrained_model_name_or_path)!r}: {first}") from None
 
