@@ -233,30 +233,36 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace, cases: list[Any], settings: dict[str, Any]) -> int:
-    metrics = None
-    if not args.skip_metrics:
-        # Loaded before the generator so a missing metric model fails in seconds, not hours.
-        from musar.eval.metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, Metrics, MetricsConfig
+    from musar.eval.runner import check_settings, run_eval  # torch-heavy; keep `musar --help` fast
+    from musar.utils import run_lock
 
-        metrics = Metrics(
-            MetricsConfig(
-                dino_model=args.dino_model or DEFAULT_DINO_MODEL,
-                clip_model=args.clip_model or DEFAULT_CLIP_MODEL,
-                batch_size=args.metrics_batch_size,
+    # The folder is this run's from here on; a run with other generation settings (--steps, the
+    # model, the LoRA, ...) is refused now, before any model loads.
+    with run_lock.hold(args.out, "evaluation"):
+        check_settings(args.out, settings)
+        metrics = None
+        if not args.skip_metrics:
+            # Loaded before the generator so a missing metric model fails in seconds, not hours.
+            from musar.eval.metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, Metrics, MetricsConfig
+
+            metrics = Metrics(
+                MetricsConfig(
+                    dino_model=args.dino_model or DEFAULT_DINO_MODEL,
+                    clip_model=args.clip_model or DEFAULT_CLIP_MODEL,
+                    batch_size=args.metrics_batch_size,
+                )
             )
+        generate = build_generator(args)
+        result = run_eval(
+            cases,
+            generate,
+            metrics,
+            seeds=args.seeds,
+            out_dir=args.out,
+            settings=settings,
+            grids=not args.no_grids,
         )
-    from musar.eval.runner import run_eval  # torch-heavy; keep `musar --help` fast
-
-    generate = build_generator(args)
-    result = run_eval(
-        cases,
-        generate,
-        metrics,
-        seeds=args.seeds,
-        out_dir=args.out,
-        settings=settings,
-        grids=not args.no_grids,
-    )
     print((Path(args.out) / "table.md").read_text(encoding="utf-8"), end="")
-    print(f"{result.generated} images generated, {result.reused} reused; report in {args.out}")
+    replaced = f" ({result.replaced} of them replacing images of an edited case)" if result.replaced else ""
+    print(f"{result.generated} images generated{replaced}, {result.reused} reused; report in {args.out}")
     return 0

@@ -9,9 +9,10 @@ Several GPUs (the same command line under accelerate's launcher; see docs/traini
 
     accelerate launch --config_file configs/accelerate/ddp.yaml -m musar.cli train --config configs/musar_flux_dev.yaml
 
-Exit codes: 0 done, 2 user error (one line on stderr: a bad argument or config key, a damaged
-checkpoint given by path, a run already past --max-steps), 3 stopped after too many non-finite
-losses, 130 / 143 interrupted by SIGINT / SIGTERM after saving a checkpoint.
+Exit codes: 0 done (or already complete), 2 user error (one line on stderr: a bad argument or
+config key, an output folder another run holds, a resume whose config differs from the run's, a
+damaged checkpoint given by path, a run already past --max-steps), 3 stopped after too many
+non-finite losses, 130 / 143 interrupted by SIGINT / SIGTERM after saving a checkpoint.
 """
 
 from __future__ import annotations
@@ -19,9 +20,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from typing import TYPE_CHECKING
 
 from musar.cli.args import HelpFormatter, add, value
 from musar.utils.validation import COUNT, check_input_dir, check_input_file, check_output_dir, key_value
+
+if TYPE_CHECKING:
+    from musar.train.checkpoint import ResumePoint
+    from musar.train.config import TrainConfig
 
 EXIT_STOPPED = 3
 
@@ -80,11 +86,23 @@ def run(args: argparse.Namespace) -> int:
     cfg = dataclasses.replace(cfg, **changes).check()
     check_output_dir(cfg.output_dir)
     from musar.train.checkpoint import plan_resume
+    from musar.train.fingerprint import is_main_launch_process
+    from musar.utils import run_lock
 
-    # Validates every file of the checkpoint to resume from (falling back to the newest valid one
-    # for `latest`) and refuses a run already past max_steps, before the model stack is imported.
-    start = plan_resume(cfg.output_dir, args.resume, cfg.total_steps)
+    main = is_main_launch_process()
+    # Held from here to the end, so that no other run changes the checkpoints between the plan
+    # and the training; the trainer takes the same lock again (reentrant within a process).
+    with run_lock.hold(cfg.output_dir, "training run", enabled=main):
+        # Validates every file of the checkpoint to resume from (falling back to the newest valid
+        # one for `latest`), compares its config with this one and refuses a run already past
+        # max_steps, before the model stack is imported.
+        start = plan_resume(cfg.output_dir, args.resume, cfg.total_steps, cfg)
+        if start is not None and start.step >= cfg.total_steps:
+            return _already_complete(cfg.output_dir, start, main)
+        return _train(cfg, start)
 
+
+def _train(cfg: TrainConfig, start: ResumePoint | None) -> int:
     from musar.train.loop import TrainingInterrupted, TrainingStopped, train
 
     try:
@@ -98,8 +116,30 @@ def run(args: argparse.Namespace) -> int:
     state = result.state
     if not result.main_process:
         return 0
-    print(f"trained {state.step} steps ({state.updates} updates, {state.nonfinite_total} skipped as non-finite)")
+    since = f" (from step {result.start_step} to {state.step})" if result.start_step else ""
+    print(f"trained {state.step - result.start_step} steps{since}: {state.updates} updates in all, "
+          f"{state.nonfinite_total} skipped as non-finite")
     print(f"LoRA: {result.lora_path}")
     print(f"checkpoint: {result.checkpoint}")
     return 0
 
+
+def _already_complete(output_dir: str, start: ResumePoint, main: bool) -> int:
+    """A resume of a finished run: nothing to train, no model to load; the final LoRA is put
+    back in place if it went missing (a crash between the last checkpoint and its copy)."""
+    from pathlib import Path
+
+    from musar.utils.io import atomic_write, file_sha256
+
+    if not main:
+        return 0
+    for line in start.describe(resuming=False):
+        print(f"musar train: {line}", file=sys.stderr)
+    saved, lora = start.path / "lora.safetensors", Path(output_dir) / "lora.safetensors"
+    if not lora.is_file() or file_sha256(lora) != file_sha256(saved):
+        atomic_write(lora, lambda tmp: tmp.write_bytes(saved.read_bytes()))
+    print(f"already complete: {start.path.name} is at step {start.step}, the run's last; nothing trained "
+          "(raise --max-steps to train on)")
+    print(f"LoRA: {lora}")
+    print(f"checkpoint: {start.path}")
+    return 0

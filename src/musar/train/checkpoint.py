@@ -8,7 +8,7 @@ Layout of ``<output_dir>/checkpoints/step_00001000/``::
     scheduler.json           LR scheduler state
     rng_rank<r>.json         python + numpy RNG states of rank r
     rng_rank<r>.safetensors  torch CPU (and CUDA) RNG states of rank r
-    trainer.json             step, counters, data stream position, config summary
+    trainer.json             step, counters, data stream position, the run's config (musar.train.fingerprint)
     manifest.json            size and sha256 of every other file (written last, by commit)
 
 Nothing here is a pickle: tensors go to safetensors, everything else to JSON, so loading a
@@ -24,25 +24,27 @@ Resuming validates every file first (:func:`validate_checkpoint`: the manifest's
 each JSON file parsed, each safetensors header complete, every file the loader needs present),
 so a damaged checkpoint is one readable line, never a traceback from deep inside a loader.
 ``--resume latest`` (:func:`find_resume`) takes the newest *valid* checkpoint and says which
-damaged ones it passed over.
+damaged ones it passed over. A checkpoint's JSON is read defensively (musar.utils.safe_load), so a
+hostile file (deeply nested, huge, not UTF-8) is one more damaged checkpoint to pass over, never
+a traceback.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import random
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from musar.errors import MusarError
+from musar.train.config import TrainConfig
+from musar.train.fingerprint import RUN_CONFIG, check_resume_config
+from musar.utils import safe_load
 from musar.utils.io import atomic_write_json, file_sha256, finish_file, fsync_dir
 from musar.utils.tensorfile import read_header
 from musar.utils.validation import LORA_FORMAT
@@ -86,6 +88,16 @@ class ResumePoint:
     def step(self) -> int:
         return int(self.state["step"])
 
+    def describe(self, resuming: bool = True) -> list[str]:
+        """What a resume tells the user: each damaged checkpoint passed over, then where it starts."""
+        lines = [f"skipping damaged checkpoint {skipped}" for skipped in self.skipped]
+        newest = ", the newest valid checkpoint" if self.skipped else ""
+        if resuming:
+            lines.append(f"resuming from {self.path.name}{newest} (step {self.step})")
+        if RUN_CONFIG not in self.state:
+            lines.append(f"warning: {self.path.name} predates run config records; its config cannot be compared")
+        return lines
+
 
 def find_resume(output_dir: str | os.PathLike[str], spec: str) -> ResumePoint:
     """``latest`` -> the newest *valid* checkpoint of ``output_dir``; otherwise the checkpoint
@@ -109,17 +121,21 @@ def find_resume(output_dir: str | os.PathLike[str], spec: str) -> ResumePoint:
 
 
 def plan_resume(
-    output_dir: str | os.PathLike[str], resume: str | os.PathLike[str] | ResumePoint | None, total_steps: int
+    output_dir: str | os.PathLike[str], resume: str | os.PathLike[str] | ResumePoint | None, total_steps: int,
+    cfg: TrainConfig | None = None,
 ) -> ResumePoint | None:
     """Where a run starts, decided before anything heavy loads: ``None`` (a fresh run) or a
-    validated :class:`ResumePoint`. Refuses a fresh run over existing checkpoints and a resume
-    already past ``total_steps``. A ResumePoint passed in is not validated again."""
+    validated :class:`ResumePoint`. Refuses a fresh run over existing checkpoints, a resume
+    already past ``total_steps`` and, given ``cfg``, a resume whose config differs from the
+    checkpoint's (musar.train.fingerprint). A ResumePoint passed in is not validated again."""
     if resume is None:
         if list_checkpoints(output_dir):
             raise MusarError(f"{output_dir} already holds checkpoints; pass --resume latest to continue "
                              "or choose another --output-dir")
         return None
     point = resume if isinstance(resume, ResumePoint) else find_resume(output_dir, str(resume))
+    if cfg is not None:
+        check_resume_config(point.state, cfg, point.path)
     if point.step > total_steps:
         raise MusarError(f"{point.path} is at step {point.step}, past max_steps {total_steps}: raise --max-steps "
                          f"above {point.step} to continue this run, or choose another --output-dir")
@@ -146,9 +162,9 @@ def _json_object(directory: Path, name: str, keys: tuple[str, ...] = ()) -> dict
     if not path.is_file():
         raise _damaged(directory, f"{name} is missing")
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise _damaged(directory, f"{name} is not readable JSON ({e})") from None
+        value = safe_load.read_json(path, name)
+    except MusarError as e:
+        raise _damaged(directory, f"{name} is not readable JSON ({str(e).replace(f'{name} {path} ', '')})") from None
     if not isinstance(value, dict) or any(k not in value for k in keys):
         raise _damaged(directory, f"{name} lacks {', '.join(keys) or 'a JSON object'}")
     return value
@@ -193,11 +209,26 @@ def validate_checkpoint(directory: str | os.PathLike[str]) -> dict[str, Any]:
     a folder without its manifest is damaged (every checkpoint is sealed with one).
     """
     directory = Path(directory)
+    try:
+        return _validate(directory)
+    except DamagedCheckpoint:
+        raise
+    except (OSError, RecursionError, ValueError) as e:  # whatever else a hostile file makes a reader raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise _damaged(directory, f"unreadable ({type(e).__name__}: {first})") from None
+
+
+def _integer(value: Any, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _validate(directory: Path) -> dict[str, Any]:
     state = _json_object(directory, TRAINER_FILE, ("step", "data", "world_size"))
     step, world, data = state["step"], state["world_size"], state["data"]
-    if not (isinstance(step, int) and step >= 0 and isinstance(world, int) and world >= 1
-            and isinstance(data, dict) and isinstance(data.get("position"), int)):
+    if not (_integer(step, 0) and _integer(world, 1) and isinstance(data, dict) and _integer(data.get("position"), 0)):
         raise _damaged(directory, f"{TRAINER_FILE} has a malformed step, world_size or data position")
+    if not isinstance(state.get(RUN_CONFIG, {}), dict):
+        raise _damaged(directory, f"{TRAINER_FILE} has a malformed {RUN_CONFIG}")
     fmt = _tensor_file(directory, "lora.safetensors").get("format")
     if fmt != LORA_FORMAT:
         raise _damaged(directory, f"lora.safetensors is not a MUSAR LoRA (header format {fmt!r})")
@@ -260,7 +291,7 @@ def prune(output_dir: str | os.PathLike[str], keep_last: int) -> list[Path]:
     return doomed
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for damaged files
@@ -268,10 +299,7 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise MusarError(f"cannot read checkpoint file {path}: {e}") from None
+    return safe_load.read_json(path, "checkpoint file")
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -340,40 +368,4 @@ def load_optimizer(directory: Path, name: str = "optimizer") -> dict[str, Any]:
     path = directory / f"{name}.safetensors"
     if not path.is_file():
         raise MusarError(f"checkpoint {directory} has no optimizer state {path.name} (saved by another number of processes?)")
-    return join_optimizer_state(_load_tensors(path), read_json(directory / f"{name}.json"))
-
-
-# -- RNG state -----------------------------------------------------------------------------------
-
-
-def save_rng(directory: Path, rank: int) -> None:
-    """Python, numpy, torch CPU and CUDA generator states of this process."""
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    write_json(directory / f"rng_rank{rank}.json", {
-        "python": [py_state[0], list(py_state[1]), py_state[2]],
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-    })
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for i, state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda.{i}"] = state
-    save_file(tensors, str(directory / f"rng_rank{rank}.safetensors"))
-
-
-def load_rng(directory: Path, rank: int) -> bool:
-    """Restore this rank's RNG states; False if the checkpoint has none for this rank."""
-    meta_path, tensor_path = directory / f"rng_rank{rank}.json", directory / f"rng_rank{rank}.safetensors"
-    if not meta_path.is_file() or not tensor_path.is_file():
-        return False
-    meta = read_json(meta_path)
-    version, internal, gauss = meta["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = meta["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    tensors = _load_tensors(tensor_path)
-    torch.set_rng_state(tensors["torch"])
-    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
-    return True
+    return join_optimizer_state(load_tensors(path), read_json(directory / f"{name}.json"))

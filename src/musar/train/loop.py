@@ -16,7 +16,6 @@ exactly; global RNG states are checkpointed as well, for anything else that draw
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import sys
 import threading
@@ -35,6 +34,7 @@ from musar.errors import MusarError
 from musar.train import checkpoint as ckpt
 from musar.train.config import TrainConfig, dump_config, to_dict
 from musar.train.distributed import any_across, is_deepspeed, is_fsdp, mean_across
+from musar.train.fingerprint import is_main_launch_process
 from musar.train.objective import draw_noise, encode_batch, flow_step_loss
 from musar.train.setup import (
     Components,
@@ -45,7 +45,8 @@ from musar.train.setup import (
 )
 from musar.train.tracking import Tracker, truncate_metrics
 from musar.train.validation import check_validation, render_validation, write_grid
-from musar.utils.io import atomic_write
+from musar.utils import run_lock
+from musar.utils.io import atomic_write, atomic_write_text
 
 
 class TrainingStopped(MusarError):
@@ -88,6 +89,7 @@ class TrainResult:
     checkpoint: Path | None
     losses: list[float] = field(default_factory=list)
     main_process: bool = True  # False on the other ranks of a multi-process run
+    start_step: int = 0  # the step it resumed from; state.step - start_step steps were trained
 
 
 class _StopSignals:
@@ -125,13 +127,24 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, resume: str | Path | ckpt.ResumePoint | None = None) -> None:
         self.cfg = cfg.check()
         self.output_dir = Path(cfg.output_dir)
-        # Every file of the checkpoint is validated here, before any model loads.
-        point = ckpt.plan_resume(self.output_dir, resume, cfg.total_steps)
+        # One run per output folder: a second one would overwrite this one's checkpoints, LoRA and
+        # metrics. Only the main process locks; the launcher ends the other ranks if it fails.
+        main = is_main_launch_process()
+        self._lock = run_lock.acquire(self.output_dir, "training run") if main else None
+        try:
+            self._start(cfg, resume, main)
+        except BaseException:
+            self.release()
+            raise
+
+    def _start(self, cfg: TrainConfig, resume: str | Path | ckpt.ResumePoint | None, main: bool) -> None:
+        # Every file of the checkpoint is validated and its config compared with this one here,
+        # before any model loads and before anything in the output folder is rewritten.
+        point = ckpt.plan_resume(self.output_dir, resume, cfg.total_steps, cfg)
         resume_dir = point.path if point is not None else None
-        if point is not None and point.skipped and _is_main_launch_process():
-            for skipped in point.skipped:
-                print(f"musar train: skipping damaged checkpoint {skipped}", file=sys.stderr)
-            print(f"musar train: resuming from {point.path.name}, the newest valid checkpoint", file=sys.stderr)
+        if point is not None and main:
+            for line in point.describe():
+                print(f"musar train: {line}", file=sys.stderr)
         if cfg.validate_every:
             check_validation(cfg.validation)
         self.c: Components = build_components(cfg, resume_dir)
@@ -139,11 +152,17 @@ class Trainer:
         self.state = TrainState()
         if resume_dir is not None:
             self._load(resume_dir)
+        self.start_step = self.state.step
         self.c.stream.position = self.state.step * cfg.optim.grad_accumulation
         self._batches: Iterator[Batch] | None = None
         self.last_checkpoint: Path | None = resume_dir
         self.tracker: Tracker | None = None
         self._warned_spans = False
+
+    def release(self) -> None:
+        """Let go of the output folder's lock (fit() does this when it ends)."""
+        if self._lock is not None:
+            self._lock.release()
 
     # -- one step --------------------------------------------------------------------------------
 
@@ -236,7 +255,7 @@ class Trainer:
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             truncate_metrics(self.output_dir, self.state.step)
-            (self.output_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+            atomic_write_text(self.output_dir / "config.yaml", dump_config(cfg))
         self.tracker = Tracker(self.output_dir, cfg.report_to, to_dict(cfg), enabled=acc.is_main_process)
         losses: list[float] = []
         window: list[float] = []
@@ -273,10 +292,12 @@ class Trainer:
             if acc.is_main_process and self.last_checkpoint is not None:
                 atomic_write(lora, lambda tmp: tmp.write_bytes((self.last_checkpoint / "lora.safetensors").read_bytes()))
             acc.wait_for_everyone()
-            return TrainResult(self.output_dir, self.state, lora, self.last_checkpoint, losses, acc.is_main_process)
+            return TrainResult(self.output_dir, self.state, lora, self.last_checkpoint, losses, acc.is_main_process,
+                               self.start_step)
         finally:
             bar.close()
             self.tracker.close()
+            self.release()
 
     def _record(self, step: int, result: StepResult, loss: float, lr: float, rate: float, window: list[float]) -> None:
         assert self.tracker is not None
@@ -334,11 +355,6 @@ class Trainer:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise MusarError(f"checkpoint {directory} does not fit this config: {first}") from None
         self.state = TrainState(**{k: raw[k] for k in asdict(TrainState()) if k in raw})
-
-
-def _is_main_launch_process() -> bool:
-    """Rank 0 of a launched job (or a plain process); known before accelerate starts."""
-    return os.environ.get("RANK", "0") == "0"
 
 
 def _step_of(path: Path) -> int:

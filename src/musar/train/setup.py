@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
 import shutil
 import time
 from collections.abc import Callable
@@ -20,9 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from safetensors.torch import save_file
 from torch import nn
 
 from musar.data import BatchTransform, CurriculumStream, MusarGen, Subjects200K, make_loader
@@ -32,6 +35,7 @@ from musar.lora.io import load_branch_lora
 from musar.train import checkpoint as ckpt
 from musar.train.config import OptimConfig, TrainConfig
 from musar.train.distributed import load_optimizer, make_accelerator, save_lora, save_optimizer
+from musar.train.fingerprint import RUN_CONFIG, RUN_FINGERPRINT, fingerprint, run_config
 from musar.train.objective import TextCache
 from musar.utils.dtypes import torch_dtype
 
@@ -184,13 +188,15 @@ def save_training_state(c: Components, cfg: TrainConfig, state: dict[str, Any], 
     acc.wait_for_everyone()
     save_lora(acc, c.model, c.transformer, staging / "lora.safetensors", {"step": str(step)})
     save_optimizer(acc, c.model, c.optimizer, staging)
-    ckpt.save_rng(staging, acc.process_index)
+    save_rng(staging, acc.process_index)
     if acc.is_main_process:
         ckpt.write_json(staging / "scheduler.json", c.scheduler.state_dict())
         c.stream.position = step * cfg.optim.grad_accumulation
+        config = run_config(cfg)
         ckpt.write_json(staging / ckpt.TRAINER_FILE, {
             **state, "format": CHECKPOINT_FORMAT, "data": c.stream.state_dict(), "world_size": acc.num_processes,
             "total_steps": cfg.total_steps, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            RUN_CONFIG: config, RUN_FINGERPRINT: fingerprint(config),
         })
     acc.wait_for_everyone()
     if acc.is_main_process:
@@ -213,10 +219,43 @@ def load_training_state(c: Components, cfg: TrainConfig, directory: Path) -> dic
 
         warnings.warn(f"checkpoint was written by {raw.get('world_size')} processes, resuming with {acc.num_processes}: "
                       "the data order will differ from an uninterrupted run", stacklevel=2)
-    elif not ckpt.load_rng(directory, acc.process_index):
+    elif not load_rng(directory, acc.process_index):
         raise MusarError(f"checkpoint {directory} has no RNG state for rank {acc.process_index}")
     c.stream.load_state_dict(raw["data"])
     if raw["data"]["position"] != raw["step"] * cfg.optim.grad_accumulation:
         raise MusarError(f"checkpoint {directory}: data position {raw['data']['position']} does not match step "
                          f"{raw['step']} x grad_accumulation {cfg.optim.grad_accumulation}")
     return raw
+
+
+def save_rng(directory: Path, rank: int) -> None:
+    """Python, numpy, torch CPU and CUDA generator states of this process."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    ckpt.write_json(directory / f"rng_rank{rank}.json", {
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    })
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = state
+    save_file(tensors, str(directory / f"rng_rank{rank}.safetensors"))
+
+
+def load_rng(directory: Path, rank: int) -> bool:
+    """Restore this rank's RNG states; False if the checkpoint has none for this rank."""
+    meta_path, tensor_path = directory / f"rng_rank{rank}.json", directory / f"rng_rank{rank}.safetensors"
+    if not meta_path.is_file() or not tensor_path.is_file():
+        return False
+    meta = ckpt.read_json(meta_path)
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    tensors = ckpt.load_tensors(tensor_path)
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+    return True
