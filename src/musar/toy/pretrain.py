@@ -21,7 +21,6 @@ the transformer and the text encoder train from random initialisation. On top of
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -30,6 +29,8 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from diffusers.training_utils import EMAModel
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from musar.models.transformer import latent_image_ids
 from musar.pipelines.pipeline_musar import MusarPipeline
@@ -96,11 +97,17 @@ def encode_text(pipe: MusarPipeline, prompts: list[str], length: int) -> tuple[t
     return seq, pooled
 
 
-def _lr_factor(step: int, cfg: PretrainConfig) -> float:
-    if step < cfg.warmup:
-        return (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+def lr_schedule(opt: torch.optim.Optimizer, cfg: PretrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup ``step / warmup`` (step 0 runs at lr 0), then cosine decay to ``min_lr_ratio``."""
+    return get_cosine_with_min_lr_schedule_with_warmup(opt, cfg.warmup, cfg.steps, min_lr_rate=cfg.min_lr_ratio)
+
+
+def weight_average(params: list[torch.nn.Parameter], cfg: PretrainConfig) -> EMAModel | None:
+    """The EMA of ``params`` (None when ``ema_decay`` is 0): its first ``warmup`` updates copy the
+    weights, every later one decays by exactly ``ema_decay`` (min_decay = decay: no ramp)."""
+    if cfg.ema_decay <= 0:
+        return None
+    return EMAModel(params, decay=cfg.ema_decay, min_decay=cfg.ema_decay, update_after_step=cfg.warmup - 1, foreach=True)
 
 
 def trainable_parameters(pipe: MusarPipeline, cfg: PretrainConfig) -> list[torch.nn.Parameter]:
@@ -162,13 +169,13 @@ def _pretrain(
         log(f"pretrain: text {text_info}")
     params = trainable_parameters(pipe, cfg)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4, betas=(0.9, 0.99))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
+    sched = lr_schedule(opt, cfg)
     objective = ObjectiveConfig()
     gen = torch.Generator().manual_seed(cfg.seed)
     pools: list[tuple[Pool, torch.Tensor, torch.Tensor]] = [(scenes, *_encode_pool(pipe, scenes.pixels))]
     if cfg.diptych_every and cfg.diptychs:
         pools.append((dip, *_encode_pool(pipe, dip.pixels)))
-    ema = _Ema(params, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    ema = weight_average(params, cfg)
     tap = AffinityTap(grad=True)
     if cfg.grounding_weight > 0:
         install_tap(pipe.transformer, tap)
@@ -206,7 +213,7 @@ def _pretrain(
         opt.step()
         sched.step()
         if ema is not None:
-            ema.update(step >= cfg.warmup)
+            ema.step(params)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             means = {k: sum(v) / len(v) for k, v in window.items() if v}
             history.append({"step": step + 1, **means})
@@ -215,12 +222,12 @@ def _pretrain(
             terms = " ".join(f"{k} {v:.4f}" for k, v in means.items())
             log(f"pretrain step {step + 1}/{cfg.steps} {terms} lr {sched.get_last_lr()[0]:.2e} ({rate:.2f} it/s)")
         if callback is not None and callback_every and ((step + 1) % callback_every == 0 or step + 1 == cfg.steps):
-            with _averaged(ema):
+            with _averaged(ema, params):
                 probes.append({"step": step + 1, **(_probe(pipe, callback, step + 1) or {})})
             if cfg.grounding_weight > 0:  # a probe may have swapped the attention processors
                 install_tap(pipe.transformer, tap)
     if ema is not None:
-        ema.swap()  # the averaged weights are the ones saved
+        ema.copy_to(params)  # the averaged weights are the ones saved
     for m in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2):
         m.eval().requires_grad_(False)
     remove_tap(pipe.transformer)
@@ -233,36 +240,18 @@ def _pretrain(
     return pipe, info
 
 
-class _Ema:
-    """An exponential moving average of ``params``; :meth:`swap` exchanges it with the live weights."""
-
-    def __init__(self, params: list[torch.nn.Parameter], decay: float) -> None:
-        self.params, self.decay = params, decay
-        self.shadow = [p.detach().clone() for p in params]
-
-    @torch.no_grad()
-    def update(self, average: bool) -> None:
-        d = self.decay if average else 0.0  # during warmup the average just follows the weights
-        for s, p in zip(self.shadow, self.params, strict=True):
-            s.mul_(d).add_(p.detach(), alpha=1 - d)
-
-    @torch.no_grad()
-    def swap(self) -> None:
-        for s, p in zip(self.shadow, self.params, strict=True):
-            tmp = p.detach().clone()
-            p.copy_(s)
-            s.copy_(tmp)
-
-
 @contextmanager
-def _averaged(ema: _Ema | None) -> Iterator[None]:
-    if ema is not None:
-        ema.swap()
+def _averaged(ema: EMAModel | None, params: list[torch.nn.Parameter]) -> Iterator[None]:
+    """The averaged weights in place of the live ones for the duration of the block."""
+    if ema is None:
+        yield
+        return
+    ema.store(params)
+    ema.copy_to(params)
     try:
         yield
     finally:
-        if ema is not None:
-            ema.swap()
+        ema.restore(params)
 
 
 def _probe(

@@ -15,7 +15,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from PIL import Image
+from diffusers.utils import make_image_grid
+from PIL import Image, ImageOps
 
 from musar.toy import gates, probes
 from musar.toy.analyser import evaluate
@@ -87,14 +88,15 @@ def combine_seeds(per_seed: Sequence[Rates]) -> Rates:
     return out
 
 
-def _grid(rows: list[list[Image.Image]], scale: int = 2, pad: int = 2) -> Image.Image:
-    w = max(len(r) for r in rows)
+def _grid(rows: list[list[Image.Image]], scale: int = 2, border: int = 1) -> Image.Image:
+    """``make_image_grid`` of the images scaled ``scale`` x (nearest), each in a white ``border``, the
+    whole in one more: cells ``2 * border`` px apart and from the edge; short rows end in white."""
     side = rows[0][0].width * scale
-    out = Image.new("RGB", (w * (side + pad) + pad, len(rows) * (side + pad) + pad), (255, 255, 255))
-    for y, row in enumerate(rows):
-        for x, img in enumerate(row):
-            out.paste(img.resize((side, side), Image.NEAREST), (pad + x * (side + pad), pad + y * (side + pad)))
-    return out
+    cols = max(len(r) for r in rows)
+    blank = Image.new("RGB", (side, side), (255, 255, 255))
+    cells = [ImageOps.expand(img.resize((side, side), Image.NEAREST) if img is not None else blank, border, "white")
+             for row in rows for img in [*row, *[None] * (cols - len(row))]]
+    return ImageOps.expand(make_image_grid(cells, len(rows), cols), border, "white")
 
 
 def run_report(

@@ -21,10 +21,10 @@ posterior mode, exactly as :func:`musar.pipelines.conditions.encode_references` 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
-from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -83,26 +83,23 @@ def flow_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 # -- encoding ------------------------------------------------------------------------------------
 
 
+def _encode_text(pipe: Any, kind: str, text: str, length: int) -> tuple[torch.Tensor, ...]:
+    """A prompt's (T5 sequence, CLIP pooled) or a phrase's (T5 sequence,), on the pipe's device."""
+    device = pipe.vae.device
+    if kind == "prompt":
+        embeds, pooled, _ = pipe.encode_prompt(prompt=text, prompt_2=None, device=device, max_sequence_length=length)
+        return embeds, pooled
+    return (pipe._get_t5_prompt_embeds(prompt=text, max_sequence_length=length, device=device),)
+
+
 class TextCache:
-    """LRU of text embeddings keyed by (kind, text, length): the T5/CLIP encoders are frozen."""
+    """Text embeddings through :func:`functools.lru_cache` of ``size`` entries (0: no caching),
+    keyed (pipe, kind, text, length): the T5/CLIP encoders are frozen. A class only so each run
+    gets its own cache of its own size; hit counts are ``encode.cache_info()``."""
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.items: OrderedDict[tuple[str, str, int], tuple[torch.Tensor, ...]] = OrderedDict()
-        self.hits = self.misses = 0
-
-    def get(self, key: tuple[str, str, int], compute: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
-        if self.size > 0 and key in self.items:
-            self.items.move_to_end(key)
-            self.hits += 1
-            return self.items[key]
-        self.misses += 1
-        value = compute()
-        if self.size > 0:
-            self.items[key] = value
-            while len(self.items) > self.size:
-                self.items.popitem(last=False)
-        return value
+        self.encode = functools.lru_cache(maxsize=size)(_encode_text)
 
 
 @dataclass
@@ -174,24 +171,17 @@ def encode_batch(
     lat_h, lat_w = batch.target.shape[-2] // pipe.vae_scale_factor, batch.target.shape[-1] // pipe.vae_scale_factor
     latent_ids = latent_image_ids(lat_h // 2, lat_w // 2, device, dtype)
 
-    def prompt_embeds(text: str) -> tuple[torch.Tensor, ...]:
-        embeds, pooled, _ = pipe.encode_prompt(prompt=text, prompt_2=None, device=device, max_sequence_length=max_sequence_length)
-        return embeds, pooled
-
-    encoded = [cache.get(("prompt", p, max_sequence_length), lambda p=p: prompt_embeds(p)) for p in batch.prompts]
+    encoded = [cache.encode(pipe, "prompt", p, max_sequence_length) for p in batch.prompts]
     embeds = torch.cat([e[0] for e in encoded]).to(dtype)
     pooled = torch.cat([e[1] for e in encoded]).to(dtype)
     text_ids = torch.zeros(embeds.shape[1], 3, device=device, dtype=dtype)
-
-    def phrase_embeds(text: str) -> tuple[torch.Tensor, ...]:
-        return (pipe._get_t5_prompt_embeds(prompt=text, max_sequence_length=phrase_tokens, device=device),)
 
     cond_latents, cond_text, cond_ids = [], [], []
     for k in range(c):
         refs = _vae_latents(pipe.vae, batch.references[:, k], None)  # posterior mode, as at inference
         cond_latents.append(_pack(pipe, refs).to(dtype))
         cond_ids.append(condition_image_ids(k, refs.shape[-2] // 2, refs.shape[-1] // 2, device, dtype))
-        rows = [cache.get(("phrase", ph[k], phrase_tokens), lambda t=ph[k]: phrase_embeds(t))[0] for ph in batch.phrases]
+        rows = [cache.encode(pipe, "phrase", ph[k], phrase_tokens)[0] for ph in batch.phrases]
         cond_text.append(torch.cat(rows).to(dtype))
 
     spans, found = None, True

@@ -46,6 +46,8 @@ def _open_rgb(path: str) -> Image.Image:
 
 def make_grid(rows: list[list[Image.Image]], height: int, gap: int = 4) -> Image.Image:
     """Rows of images scaled to one height, left-aligned on a white canvas."""
+    # Hand-written: each image keeps its own width (references of any aspect next to the output) and
+    # rows differ in length; diffusers' make_image_grid tiles equal cells only, rows x cols exactly.
     scaled = [[_fit_height(im, height) for im in row] for row in rows]
     width = max(sum(im.width for im in row) + gap * (len(row) - 1) for row in scaled)
     canvas = Image.new("RGB", (width, len(scaled) * height + gap * (len(scaled) - 1)), (255, 255, 255))
