@@ -20,7 +20,7 @@ from musar.lora import (
     lora_named_parameters,
 )
 from musar.lora.io import load_branch_lora, read_lora_config, save_branch_lora
-from musar.lora.layer import stream_of
+from musar.lora.model import stream_of
 from musar.models.layout import TokenLayout
 from musar.models.transformer import MusarTransformer
 

@@ -1,7 +1,8 @@
-"""MUSAR's dual-branch LoRA, split as peft splits an adapter: config, layer + injection, file IO.
+"""MUSAR's dual-branch LoRA, split as peft splits an adapter: config | layer | model, and file IO.
 
 * :mod:`musar.lora.config` — :class:`BranchLoRAConfig` (ranks, scales, targets, mode);
-* :mod:`musar.lora.layer` — :class:`BranchLoRALinear`, the row plan and injection into a model;
+* :mod:`musar.lora.layer` — :class:`BranchLoRALinear` and the row plan its layers share;
+* :mod:`musar.lora.model` — injection into a model, removal, streams, the saved parameters;
 * :mod:`musar.lora.io` — safetensors save/load of MUSAR LoRA files;
 * :mod:`musar.lora.stacking` / :mod:`musar.lora.peft_rows` — standard peft LoRAs beside it.
 
@@ -17,10 +18,10 @@ _EXPORTS: dict[str, str] = {
     "BranchLoRAConfig": "musar.lora.config",
     "BranchLoRALinear": "musar.lora.layer",
     "RowPlan": "musar.lora.layer",
-    "inject_branch_lora": "musar.lora.layer",
-    "lora_named_parameters": "musar.lora.layer",
-    "lora_parameters": "musar.lora.layer",
-    "remove_branch_lora": "musar.lora.layer",
+    "inject_branch_lora": "musar.lora.model",
+    "lora_named_parameters": "musar.lora.model",
+    "lora_parameters": "musar.lora.model",
+    "remove_branch_lora": "musar.lora.model",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -22,7 +22,10 @@ from torch import nn
 from musar.errors import MusarError
 from musar.lora import BranchLoRAConfig, inject_branch_lora, lora_named_parameters, remove_branch_lora
 from musar.utils.io import atomic_path
+from musar.utils.safe_load import parse_json
+from musar.utils.tensorfile import read_header
 from musar.utils.validation import LORA_FORMAT as FORMAT  # the header's "format", checked without torch there
+from musar.utils.validation import check_lora_file
 
 FORMAT_VERSION = "1"
 
@@ -60,10 +63,15 @@ def save_lora_tensors(
     return Path(path)
 
 
+# A trained LoRA weight is O(1) (init ~1/sqrt(in), B starts at 0); 1e4 is far past any real one
+# and far below where bf16 or the base activations overflow, so a larger value is a broken file.
+MAX_ABS_WEIGHT = 1e4
+
+
 def _open(path: str | os.PathLike[str]):
-    path = Path(path)
-    if not path.is_file():
-        raise MusarError(f"LoRA file not found: {path}")
+    """A safetensors handle on a LoRA file whose header was checked (structure, dtypes, offsets,
+    config) before safetensors sees it."""
+    path = check_lora_file(path)
     try:
         return safe_open(str(path), framework="pt")
     except Exception as e:  # safetensors raises several types for a bad header
@@ -73,6 +81,7 @@ def _open(path: str | os.PathLike[str]):
 def is_branch_lora_file(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is a safetensors file whose header says it is a MUSAR branch LoRA."""
     try:
+        read_header(path)
         with safe_open(str(path), framework="pt") as f:
             return (f.metadata() or {}).get("format") == FORMAT
     except Exception:  # not a safetensors file, unreadable: not ours
@@ -80,15 +89,27 @@ def is_branch_lora_file(path: str | os.PathLike[str]) -> bool:
 
 
 def read_lora_config(path: str | os.PathLike[str]) -> BranchLoRAConfig:
-    with _open(path) as f:
-        meta = f.metadata() or {}
-    if meta.get("format") != FORMAT:
-        raise MusarError(f"{path} is a safetensors file but not a MUSAR branch LoRA (header format {meta.get('format')!r})")
+    path = check_lora_file(path)  # format, and the config's types and bounds, from the header alone
+    meta = read_header(path, "LoRA file").metadata
     try:
-        raw = json.loads(meta["lora_config"])
+        raw = parse_json(meta["lora_config"], f"the LoRA config in {path}", expect=dict)
         return BranchLoRAConfig(**raw)
     except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, MusarError):
+            raise
         raise MusarError(f"{path} has an unreadable LoRA config in its header: {e}") from None
+
+
+def _check_values(tensor: torch.Tensor, name: str, path: str | os.PathLike[str]) -> None:
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return
+    values = tensor.detach().float()
+    if not bool(torch.isfinite(values).all()):
+        raise MusarError(f"LoRA file {path}: tensor {name} holds NaN or infinite values")
+    peak = float(values.abs().max())
+    if peak > MAX_ABS_WEIGHT:
+        raise MusarError(f"LoRA file {path}: tensor {name} holds a value of magnitude {peak:.3g}, "
+                         f"above {MAX_ABS_WEIGHT:g}; the file is damaged")
 
 
 def load_branch_lora(model: nn.Module, path: str | os.PathLike[str]) -> BranchLoRAConfig:
@@ -114,6 +135,8 @@ def load_branch_lora(model: nn.Module, path: str | os.PathLike[str]) -> BranchLo
 
 def _copy_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
     params = dict(lora_named_parameters(model))
+    header = read_header(path, "LoRA file")
+    tensors: dict[str, torch.Tensor] = {}
     with _open(path) as f:
         keys = set(f.keys())
         unknown = sorted(keys - params.keys())
@@ -124,11 +147,15 @@ def _copy_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
             raise MusarError(f"LoRA file {path} does not match the model: {len(missing)} keys missing, e.g. {missing[0]!r}")
         with torch.no_grad():
             for name in sorted(keys):
-                tensor = f.get_tensor(name)
                 p = params[name]
-                if tensor.shape != p.shape:
+                shape = tuple(header.tensors[name].shape)
+                if shape != tuple(p.shape):  # from the header: a wrong shape is never allocated
                     raise MusarError(
-                        f"LoRA file {path} does not match the model: {name} has shape {tuple(tensor.shape)}, "
+                        f"LoRA file {path} does not match the model: {name} has shape {shape}, "
                         f"the model expects {tuple(p.shape)}"
                     )
-                p.copy_(tensor.to(p.dtype))
+                tensors[name] = f.get_tensor(name)
+                _check_values(tensors[name], name, path)
+            # every tensor is checked before any is copied: a bad file leaves the weights untouched
+            for name, tensor in tensors.items():
+                params[name].copy_(tensor.to(params[name].dtype))

@@ -27,7 +27,8 @@ from contextlib import contextmanager
 from torch import nn
 
 from musar.errors import MusarError
-from musar.lora.layer import BranchLoRALinear, release_hosts, row_plan, set_submodule, token_stream
+from musar.lora.layer import BranchLoRALinear
+from musar.lora.model import release_hosts, row_plan, set_submodule, token_stream
 from musar.lora.peft_rows import check_plain_lora, is_peft_linear
 from musar.models.layout import Kind
 

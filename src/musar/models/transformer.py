@@ -53,7 +53,7 @@ class MusarTransformer(FluxTransformer2DModel):
     a forward with conditions then refuses to run unless every layer can route.
     """
 
-    lora_config = None  # set by musar.lora.layer.inject_branch_lora
+    lora_config = None  # set by musar.lora.model.inject_branch_lora
     lora_plan = None
     _compiled_blocks: tuple[Callable[..., Any], Callable[..., Any]] | None = None  # compile_repeated_blocks
 

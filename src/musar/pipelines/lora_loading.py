@@ -37,7 +37,7 @@ import torch
 
 from musar.errors import MusarError
 from musar.lora.io import is_branch_lora_file, load_branch_lora, save_branch_lora
-from musar.lora.layer import release_hosts, remove_branch_lora
+from musar.lora.model import release_hosts, remove_branch_lora
 from musar.lora.stacking import forget_adapters, parse_token_kinds, restrict_adapter, unwrapped_hosts
 from musar.utils.io import file_sha256
 

@@ -11,7 +11,7 @@ GGUF checkpoints are single files: the transformer comes from
 
 The branch LoRA sits on top: every quantised linear is still an ``nn.Linear`` (torchao swaps the
 weight for a tensor subclass; bitsandbytes' ``Linear4bit`` and diffusers' ``GGUFLinear`` subclass
-``nn.Linear``), so :func:`musar.lora.layer.inject_branch_lora` wraps them unchanged and the LoRA
+``nn.Linear``), so :func:`musar.lora.model.inject_branch_lora` wraps them unchanged and the LoRA
 branches compute in the layer's compute dtype.
 
 In-memory pipelines (presets such as ``tiny``) are quantised the same way, by a round trip through
@@ -121,7 +121,7 @@ def quantize_pipeline(pipe: MusarPipeline, spec: QuantizeSpec, device_map: str |
     it carries is saved apart and loaded again on top of the quantised linears.
     """
     from musar.lora.io import save_branch_lora
-    from musar.lora.layer import remove_branch_lora
+    from musar.lora.model import remove_branch_lora
 
     dtype = pipe.transformer.dtype
     with tempfile.TemporaryDirectory(prefix="musar-quantize-") as tmp:
