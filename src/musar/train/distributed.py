@@ -18,10 +18,23 @@ The FSDP LoRA gathering and sharded optimizer save/load were checked with torch 
 2 ranks: the gathered LoRA equals an unsharded run's bit for bit, the reloaded shards equal the
 saved ones); accelerate only runs FSDP and DeepSpeed on GPUs, so the full loop under them is
 not exercised by the CPU test suite.
+
+**Launches that do what they say** (:func:`check_launch`, run by :func:`make_accelerator` before
+any model loads). A launcher says how many processes it started (torchrun: ``WORLD_SIZE`` /
+``LOCAL_WORLD_SIZE``; MPI: ``PMI_SIZE``, ``OMPI_COMM_WORLD_SIZE``, ...); if accelerate joins a
+different number into one run, every process would train alone on its own data and all of them
+would write the same output folder. On a machine without GPUs that is what accelerate does with
+processes it was not told to run on the CPU (``ACCELERATE_USE_CPU=1`` or ``model.device=cpu``):
+each becomes a world of one. ``accelerate launch`` with ``distributed_type: MULTI_CPU`` (or
+``--cpu``) and ``num_processes > 1`` starts *one* process unless mpirun is used; and FSDP or
+DeepSpeed asked for on the CPU silently becomes plain DDP. Each of these stops with one line
+(exit 2) naming the fix; configs/accelerate/ddp_cpu.yaml is the launch that works on CPU.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +56,19 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     mp = cfg.model.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() and not cpu else "no"
+    backend = _requested_backend()
+    if backend is not None and cpu:
+        raise MusarError(_gpu_only(backend, "the CPU was asked for (ACCELERATE_USE_CPU or model.device=cpu)"))
     # Accumulation is done by the loop (it must be able to drop a whole step on a non-finite
     # loss); the scheduler is stepped per applied update, not per process (accelerate's default).
-    accelerator = Accelerator(
-        mixed_precision=mp, cpu=cpu, gradient_accumulation_steps=1, step_scheduler_with_optimizer=False
-    )
+    try:
+        accelerator = Accelerator(
+            mixed_precision=mp, cpu=cpu, gradient_accumulation_steps=1, step_scheduler_with_optimizer=False
+        )
+    except RuntimeError as e:  # accelerate's FSDP plugin on a machine without GPUs
+        if backend is not None and "no available devices" in str(e):
+            raise MusarError(_gpu_only(backend, "this machine has no GPU")) from None
+        raise
     if is_fsdp(accelerator) and cfg.model.preset is None and cfg.model.dtype != cfg.model.lora_dtype:
         raise MusarError(f"under FSDP the base and LoRA weights share flat parameters and need one dtype: set "
                          f"model.dtype={cfg.model.lora_dtype} (base {cfg.model.dtype}, LoRA {cfg.model.lora_dtype})")
@@ -57,7 +78,82 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
         # We do not hand a DataLoader to accelerate (the curriculum stream shards itself), so
         # DeepSpeed cannot infer its micro-batch size.
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.optim.batch_size
+    check_launch(accelerator)
     return accelerator
+
+
+# What launchers export: the number of processes of the whole job, then of this machine.
+_WORLD_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+_LOCAL_WORLD_VARS = ("LOCAL_WORLD_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE")
+# accelerate's simple launcher sets this on CPU runs (and nothing else does, with this value)
+_ACCELERATE_CPU_AFFINITY = "granularity=fine,compact,1,0"
+_CPU_FIX = "configs/accelerate/ddp_cpu.yaml with ACCELERATE_USE_CPU=1 (docs/training.md)"
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    return env.get(name, "").strip().lower() in ("1", "true", "t", "yes", "y", "on")
+
+
+def _requested_backend(env: Mapping[str, str] | None = None) -> str | None:
+    """FSDP or DEEPSPEED when the launcher asked for it (accelerate launch exports these flags)."""
+    env = os.environ if env is None else env
+    for flag, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED")):
+        if _flag(env, flag):
+            return name
+    return None
+
+
+def _gpu_only(backend: str, why: str) -> str:
+    return (f"the launch asks for {backend} but {why}: accelerate runs {backend} on GPUs only (on the CPU it would "
+            f"train as plain DDP); for several CPU processes use {_CPU_FIX}")
+
+
+def launched_processes(env: Mapping[str, str] | None = None) -> tuple[int, str] | None:
+    """How many processes the launcher says this job has, and the variable that says so."""
+    env = os.environ if env is None else env
+    for names in (_WORLD_VARS, _LOCAL_WORLD_VARS):
+        for name in names:
+            value = env.get(name, "").strip()
+            if value.isdigit():
+                return int(value), name
+    return None
+
+
+def launch_problem(num_processes: int, distributed_type: Any, device_type: str,
+                   env: Mapping[str, str] | None = None) -> str | None:
+    """Why this launch would not do what it says (one line), or None when it does.
+
+    ``num_processes``, ``distributed_type``, ``device_type``: what accelerate made of it;
+    ``env``: the launcher's environment (default ``os.environ``).
+    """
+    env = os.environ if env is None else env
+    dtype = getattr(distributed_type, "value", str(distributed_type))
+    launched = launched_processes(env)
+    if launched is not None:
+        n, var = launched
+        mismatch = num_processes != n if var in _WORLD_VARS else num_processes < n
+        if n > 1 and mismatch:
+            if num_processes == 1 and device_type == "cpu":
+                return (f"the launcher started {n} processes ({var}={n}) but accelerate found no GPU and was not told to "
+                        f"use the CPU, so each would train alone: on CPU use {_CPU_FIX} or --set model.device=cpu")
+            return (f"the launcher started {n} processes ({var}={n}) but accelerate joined {num_processes} into this run "
+                    f"({dtype}); check the launcher's and accelerate's process counts")
+    elif (num_processes == 1 and _flag(env, "ACCELERATE_USE_CPU") and env.get("MASTER_ADDR")
+          and env.get("KMP_AFFINITY") == _ACCELERATE_CPU_AFFINITY):
+        # accelerate launch's simple launcher exports MASTER_ADDR only for num_processes/num_machines > 1
+        return ("accelerate launch started 1 process although its config asks for several (with --cpu or "
+                f"distributed_type MULTI_CPU it starts one unless --mpirun_hostfile is given): use {_CPU_FIX}")
+    wanted = _requested_backend(env)
+    if wanted is not None and dtype != wanted:
+        return _gpu_only(wanted, f"accelerate runs this process as {dtype} on {device_type}")
+    return None
+
+
+def check_launch(accelerator: Accelerator) -> None:
+    """Refuse a launch whose processes would not form the run it asks for (MusarError: exit 2)."""
+    problem = launch_problem(accelerator.num_processes, accelerator.distributed_type, accelerator.device.type)
+    if problem is not None:
+        raise MusarError(problem)
 
 
 def is_fsdp(accelerator: Accelerator) -> bool:
