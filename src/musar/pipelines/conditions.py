@@ -24,15 +24,11 @@ def encode_references(
     pipe: object, images: Sequence[Image.Image], size: int, batch: int, device: torch.device, dtype: torch.dtype
 ) -> list[EncodedReference]:
     """VAE-encode prepared references (deterministically: the posterior mode) and pack them."""
-    vae = pipe.vae  # type: ignore[attr-defined]
     out = []
+    tokens = size // (2 * pipe.vae_scale_factor)  # type: ignore[attr-defined]  # per side
     for k, image in enumerate(images):
         pixels = pipe.image_processor.preprocess(image, height=size, width=size)  # type: ignore[attr-defined]
-        pixels = pixels.to(device=device, dtype=vae.dtype)
-        latents = vae.encode(pixels).latent_dist.mode()
-        latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
-        _, ch, h, w = latents.shape
-        packed = pipe._pack_latents(latents, 1, ch, h, w).to(dtype)  # type: ignore[attr-defined]
-        ids = condition_image_ids(k, h // 2, w // 2, device, dtype)
+        packed = pipe.encode_image_latents(pixels).to(dtype)  # type: ignore[attr-defined]
+        ids = condition_image_ids(k, tokens, tokens, device, dtype)
         out.append(EncodedReference(packed.expand(batch, -1, -1), ids))
     return out

@@ -132,6 +132,34 @@ class MusarPipeline(MusarLoraLoaderMixin, FluxPipeline):
         config["_class_name"] = "FluxTransformer2DModel"
         atomic_write_json(config_path, config)
 
+    # -- the steps generation, training and the toy share: one implementation each -------------
+
+    def encode_image_latents(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Packed transformer tokens (B, n, C) of pixels in [-1, 1] (B, 3, H, W): VAE-encoded
+        (the posterior mode, or a sample from ``generator``), shifted, scaled and 2x2-packed."""
+        vae = self.vae
+        dist = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
+        latents = dist.sample(generator) if generator is not None else dist.mode()
+        latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
+        b, ch, h, w = latents.shape
+        return self._pack_latents(latents, b, ch, h, w)
+
+    def decode_image_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Pixels in [-1, 1] (B, 3, height, width) of packed tokens: the inverse of
+        :meth:`encode_image_latents` up to the VAE's own loss."""
+        unpacked = self._unpack_latents(latents, height, width, self.vae_scale_factor)
+        unpacked = unpacked / self.vae.config.scaling_factor + self.vae.config.shift_factor
+        return self.vae.decode(unpacked.to(self.vae.dtype), return_dict=False)[0]
+
+    def flow_timesteps(self, num_inference_steps: int, image_tokens: int, device: torch.device | str) -> torch.Tensor:
+        """FLUX's schedule: linear sigmas from 1 to 1/steps, shifted for ``image_tokens`` tokens."""
+        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+        sched = self.scheduler.config
+        mu = calculate_shift(image_tokens, sched.get("base_image_seq_len", 256), sched.get("max_image_seq_len", 4096),
+                             sched.get("base_shift", 0.5), sched.get("max_shift", 1.15))
+        timesteps, _ = retrieve_timesteps(self.scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu)
+        return timesteps
+
     def _encode_phrases(self, phrases: Sequence[str], length: int, device: torch.device) -> list[torch.Tensor]:
         # FLUX encodes text padded to a fixed length without an attention mask; phrases the same.
         return [self._get_t5_prompt_embeds(prompt=p, max_sequence_length=length, device=device) for p in phrases]
@@ -242,16 +270,7 @@ class MusarPipeline(MusarLoraLoaderMixin, FluxPipeline):
         latents, image_ids = self.prepare_latents(
             batch, self.transformer.config.in_channels // 4, height, width, dtype, device, generator, latents
         )
-        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
-        sched = self.scheduler.config
-        mu = calculate_shift(
-            latents.shape[1],
-            sched.get("base_image_seq_len", 256),
-            sched.get("max_image_seq_len", 4096),
-            sched.get("base_shift", 0.5),
-            sched.get("max_shift", 1.15),
-        )
-        timesteps, _ = retrieve_timesteps(self.scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu)
+        timesteps = self.flow_timesteps(num_inference_steps, latents.shape[1], device)
         guidance = None
         if self.transformer.config.guidance_embeds:
             guidance = torch.full((batch,), guidance_scale, device=device, dtype=torch.float32)
@@ -299,9 +318,7 @@ class MusarPipeline(MusarLoraLoaderMixin, FluxPipeline):
             if output_type == "latent":
                 out_images: Any = latents
             else:
-                unpacked = self._unpack_latents(latents, height, width, self.vae_scale_factor)
-                unpacked = unpacked / self.vae.config.scaling_factor + self.vae.config.shift_factor
-                decoded = self.vae.decode(unpacked.to(self.vae.dtype), return_dict=False)[0]
+                decoded = self.decode_image_latents(latents, height, width)
                 check_finite(decoded, "the decoded pixels")
                 out_images = self.image_processor.postprocess(decoded, output_type=output_type)
         finally:

@@ -77,12 +77,10 @@ class PretrainConfig:
 
 def _encode_pool(pipe: MusarPipeline, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed, scaled latents of a pool (the codec is frozen: encode once) and their position ids."""
-    vae = pipe.vae
     with torch.no_grad():
-        lat = torch.cat([vae.encode(chunk).latent_dist.mode() for chunk in pixels.split(512)])
-    lat = (lat - vae.config.shift_factor) * vae.config.scaling_factor
-    b, ch, h, w = lat.shape
-    return pipe._pack_latents(lat, b, ch, h, w), latent_image_ids(h // 2, w // 2, "cpu", torch.float32)
+        packed = torch.cat([pipe.encode_image_latents(chunk) for chunk in pixels.split(512)])
+    px = 2 * pipe.vae_scale_factor  # pixels per token side
+    return packed, latent_image_ids(pixels.shape[-2] // px, pixels.shape[-1] // px, "cpu", torch.float32)
 
 
 def encode_text(pipe: MusarPipeline, prompts: list[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 from PIL import Image
 
 from musar.models.attention import LayerRouting, MusarAttnProcessor
@@ -176,19 +175,8 @@ def remove_tap(transformer: torch.nn.Module) -> None:
             _swap(block, MusarAttnProcessor())
 
 
-def timesteps_for(pipe: MusarPipeline, tokens: int, steps: int = STEPS) -> torch.Tensor:
-    """The pipeline's own schedule: linear sigmas with FLUX's resolution shift."""
-    sched = pipe.scheduler.config
-    mu = calculate_shift(tokens, sched.get("base_image_seq_len", 256), sched.get("max_image_seq_len", 4096),
-                         sched.get("base_shift", 0.5), sched.get("max_shift", 1.15))
-    timesteps, _ = retrieve_timesteps(pipe.scheduler, steps, "cpu", sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
-    return timesteps
-
-
 def decode(pipe: MusarPipeline, latents: torch.Tensor, height: int, width: int) -> list[Image.Image]:
-    unpacked = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
-    unpacked = unpacked / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-    return pipe.image_processor.postprocess(pipe.vae.decode(unpacked, return_dict=False)[0], output_type="pil")
+    return pipe.image_processor.postprocess(pipe.decode_image_latents(latents, height, width), output_type="pil")
 
 
 @torch.no_grad()
@@ -228,7 +216,7 @@ def sample_text_only(
         latents, ids = pipe.prepare_latents(len(chunk), pipe.transformer.config.in_channels // 4, height, width,
                                             embeds.dtype, "cpu", gens)
         pipe.scheduler.set_begin_index(0)
-        for i, t in enumerate(timesteps_for(pipe, latents.shape[1], steps)):
+        for i, t in enumerate(pipe.flow_timesteps(steps, latents.shape[1], "cpu")):
             if tap is not None:
                 tap.step = i
             v = pipe.transformer(hidden_states=latents, encoder_hidden_states=embeds, pooled_projections=pooled,

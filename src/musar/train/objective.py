@@ -119,17 +119,6 @@ class EncodedBatch:
         return int(self.latents.shape[1])
 
 
-def _pack(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
-    b, ch, h, w = latents.shape
-    return pipe._pack_latents(latents, b, ch, h, w)
-
-
-def _vae_latents(vae: Any, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    dist = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
-    latents = dist.sample(generator) if generator is not None else dist.mode()
-    return (latents - vae.config.shift_factor) * vae.config.scaling_factor
-
-
 def batch_spans(pipe: Any, prompts: Sequence[str], phrases: Sequence[Sequence[str]], max_length: int) -> list[list[tuple[int, int]]]:
     """Token spans of every sample's phrases in its prompt (raises MusarError if one is missing)."""
     return [find_subject_spans(p, ph, pipe.tokenizer_2, max_length) for p, ph in zip(prompts, phrases, strict=True)]
@@ -167,7 +156,7 @@ def encode_batch(
     cache = cache or TextCache(0)
     b, c = len(batch), batch.num_conditions
 
-    x0 = _pack(pipe, _vae_latents(pipe.vae, batch.target, generator)).to(dtype)
+    x0 = pipe.encode_image_latents(batch.target, generator).to(dtype)
     lat_h, lat_w = batch.target.shape[-2] // pipe.vae_scale_factor, batch.target.shape[-1] // pipe.vae_scale_factor
     latent_ids = latent_image_ids(lat_h // 2, lat_w // 2, device, dtype)
 
@@ -178,9 +167,10 @@ def encode_batch(
 
     cond_latents, cond_text, cond_ids = [], [], []
     for k in range(c):
-        refs = _vae_latents(pipe.vae, batch.references[:, k], None)  # posterior mode, as at inference
-        cond_latents.append(_pack(pipe, refs).to(dtype))
-        cond_ids.append(condition_image_ids(k, refs.shape[-2] // 2, refs.shape[-1] // 2, device, dtype))
+        refs = pipe.encode_image_latents(batch.references[:, k])  # posterior mode, as at inference
+        cond_latents.append(refs.to(dtype))
+        side = batch.references.shape[-1] // (2 * pipe.vae_scale_factor)
+        cond_ids.append(condition_image_ids(k, batch.references.shape[-2] // (2 * pipe.vae_scale_factor), side, device, dtype))
         rows = [cache.encode(pipe, "phrase", ph[k], phrase_tokens)[0] for ph in batch.phrases]
         cond_text.append(torch.cat(rows).to(dtype))
 
