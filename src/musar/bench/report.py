@@ -3,17 +3,18 @@ into bench/README.md. Missing parts or fields print as '-'; nothing here imports
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from musar.bench.targets import TARGETS
+from musar.errors import MusarError
+from musar.utils.safe_load import read_json
 
 
 def _load(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+    try:  # our own files; a missing or damaged one (a part killed mid-write) reads as empty
+        return read_json(path, expect=dict)
+    except MusarError:
         return {}
 
 

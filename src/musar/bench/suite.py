@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -36,7 +35,9 @@ from typing import Any
 from musar.bench.parts import SCHEMA, run_part
 from musar.bench.report import format_report
 from musar.bench.targets import forward_values, judge, train_values
+from musar.errors import MusarError
 from musar.utils.io import atomic_write_json
+from musar.utils.safe_load import read_json
 
 
 @dataclass(frozen=True)
@@ -260,9 +261,9 @@ def _wait(child: int | subprocess.Popen[bytes], box: float) -> int | None:
 
 
 def _read(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+    try:  # our own files; a missing or damaged one (a part killed mid-write) reads as empty
+        return read_json(path, expect=dict)
+    except MusarError:
         return {}
 
 

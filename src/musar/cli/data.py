@@ -13,11 +13,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from musar.cli.args import HelpFormatter
+from musar.cli.args import HelpFormatter, add, value
 from musar.data.defaults import DEFAULT_PADDING, DEFAULT_QUALITY_THRESHOLD, SUBJECTS200K_HUB_ID
 from musar.errors import MusarError
 from musar.utils.io import check_writable
-from musar.utils.validation import COUNT
+from musar.utils.validation import COUNT, PREVIEW_SAMPLES, TRAIN_SEED
 
 HUB_PREVIEW_LIMIT = 1000
 
@@ -56,9 +56,12 @@ def add_parser(subparsers: Any) -> None:
                        formatter_class=HelpFormatter)
     _add_source_args(p)
     p.add_argument("--stage", type=int, choices=(1, 2, 3), default=1, help="curriculum stage")
-    p.add_argument("--n", type=COUNT, default=8, help="number of samples (an integer >= 1)")
+    # COUNT first, so 0 reads "must be >= 1" as everywhere; the cap bounds the sheet's memory.
+    add(p, "--n", type=COUNT, default=8, check=value(PREVIEW_SAMPLES.check),
+        help=f"number of samples ({PREVIEW_SAMPLES.describe()})")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the sample draw")
+    add(p, "--seed", type=int, default=0, check=value(TRAIN_SEED.check),
+        help=f"random seed of the sample draw ({TRAIN_SEED.describe()})")
     p.set_defaults(func=run_preview)
 
     p = sub.add_parser("stats", help="print row counts after filtering, overall and per category",

@@ -23,6 +23,7 @@ from musar.data.schema import MUSAR_GEN_COLUMNS, parquet_files
 from musar.data.subjects200k import DEFAULT_PADDING, DEFAULT_QUALITY_THRESHOLD, Subjects200K
 from musar.errors import MusarError
 from musar.utils.io import atomic_path, atomic_write_text
+from musar.utils.validation import PREVIEW_SAMPLES
 
 CONTACT_SHEET = "contact_sheet.png"
 SAMPLES_JSONL = "samples.jsonl"
@@ -63,6 +64,7 @@ def preview_samples(source: Subjects200K | MusarGen, stage: int, n: int, seed: i
     """The first ``n`` samples of a stage-``stage`` stream (MUSAR-Gen sources ignore the stage)."""
     if n < 1:
         raise MusarError(f"--n must be >= 1, got {n}")
+    PREVIEW_SAMPLES.check(n, "--n")  # the contact sheet holds one row per sample, in memory
     cfg = CurriculumConfig()
     if isinstance(source, MusarGen):
         stream = CurriculumStream(None, cfg, musar_gen=source, num_batches=n, stage=stage, seed=seed)

@@ -34,7 +34,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -44,6 +43,7 @@ from typing import Any
 
 from musar.data.dreambench import DreamBench, DreamBenchSubject, format_prompt, load_dreambench
 from musar.errors import MusarError
+from musar.utils.safe_load import as_path, parse_json, read_text, shown
 
 PROTOCOLS: tuple[str, ...] = ("dreambench-single", "dreambench-multi", "custom")
 DEFAULT_SEEDS: tuple[int, ...] = (0, 1, 2, 3)  # docs/design.md sec. 8: 4 seeds per case
@@ -193,13 +193,12 @@ def _norm(text: str) -> str:
 
 def load_custom_cases(path: str | Path) -> list[Case]:
     """Cases from a JSON file (format in the module docstring); every problem is a MusarError."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise MusarError(f"custom cases file not found: {path}")
+    path = as_path(path, "custom cases file")
+    text = read_text(path, "custom cases file")  # regular file, bounded, UTF-8
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MusarError(f"cannot read custom cases {path}: {e}") from None
+        data = parse_json(text, "the file")
+    except MusarError as e:
+        raise MusarError(f"cannot read custom cases {shown(path)}: {e}") from None
     if not isinstance(data, list) or not data:
         raise MusarError(f"{path}: expected a non-empty JSON list of cases")
     base = path.parent

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import statistics
 from collections.abc import Sequence
@@ -32,6 +31,7 @@ from PIL import Image, ImageDraw, ImageOps
 
 from musar.errors import MusarError
 from musar.utils.io import atomic_write, atomic_write_json, atomic_write_text
+from musar.utils.safe_load import as_path, read_json
 
 CASES_COLUMNS: tuple[str, ...] = (
     "case_id",
@@ -245,13 +245,10 @@ def write_grid(
 
 
 def load_summary(run_dir: str | Path) -> dict[str, Any]:
-    path = Path(run_dir) / "summary.json"
-    try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MusarError(f"not an evaluation folder (no summary.json): {run_dir}") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise MusarError(f"cannot read {path}: {e}") from None
+    path = as_path(run_dir, "evaluation folder") / "summary.json"
+    if not path.exists():
+        raise MusarError(f"not an evaluation folder (no summary.json): {run_dir}")
+    summary = read_json(path, "evaluation summary")
     if not isinstance(summary, dict) or not isinstance(summary.get("metrics"), dict):
         raise MusarError(f"{path} is not a musar evaluation summary")
     return summary

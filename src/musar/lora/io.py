@@ -136,7 +136,6 @@ def load_branch_lora(model: nn.Module, path: str | os.PathLike[str]) -> BranchLo
 def _copy_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
     params = dict(lora_named_parameters(model))
     header = read_header(path, "LoRA file")
-    tensors: dict[str, torch.Tensor] = {}
     with _open(path) as f:
         keys = set(f.keys())
         unknown = sorted(keys - params.keys())
@@ -145,17 +144,17 @@ def _copy_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
             raise MusarError(f"LoRA file {path} does not match the model: {len(unknown)} unknown keys, e.g. {unknown[0]!r}")
         if missing:
             raise MusarError(f"LoRA file {path} does not match the model: {len(missing)} keys missing, e.g. {missing[0]!r}")
+        for name in sorted(keys):
+            shape = tuple(header.tensors[name].shape)
+            if shape != tuple(params[name].shape):  # from the header: a wrong shape is never allocated
+                raise MusarError(
+                    f"LoRA file {path} does not match the model: {name} has shape {shape}, "
+                    f"the model expects {tuple(params[name].shape)}"
+                )
+        # Two passes over the (memory-mapped) file: every value is checked before any is copied,
+        # so a bad file leaves the weights untouched, without holding a second copy of them all.
+        for name in sorted(keys):
+            _check_values(f.get_tensor(name), name, path)
         with torch.no_grad():
             for name in sorted(keys):
-                p = params[name]
-                shape = tuple(header.tensors[name].shape)
-                if shape != tuple(p.shape):  # from the header: a wrong shape is never allocated
-                    raise MusarError(
-                        f"LoRA file {path} does not match the model: {name} has shape {shape}, "
-                        f"the model expects {tuple(p.shape)}"
-                    )
-                tensors[name] = f.get_tensor(name)
-                _check_values(tensors[name], name, path)
-            # every tensor is checked before any is copied: a bad file leaves the weights untouched
-            for name, tensor in tensors.items():
-                params[name].copy_(tensor.to(params[name].dtype))
+                params[name].copy_(f.get_tensor(name).to(params[name].dtype))

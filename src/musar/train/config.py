@@ -27,7 +27,20 @@ from musar.data.defaults import DEFAULT_PADDING, DEFAULT_QUALITY_THRESHOLD, SUBJ
 from musar.errors import MusarError
 from musar.lora.config import BranchLoRAConfig
 from musar.models.options import RoutingOptions
-from musar.utils.validation import GUIDANCE, HEIGHT, SEED, STEPS, TRAIN_SEED, WIDTH
+from musar.utils.safe_load import parse_yaml, read_yaml
+from musar.utils.validation import (
+    BATCH_SIZE,
+    GUIDANCE,
+    HEIGHT,
+    LORA_ALPHA,
+    LORA_DROPOUT,
+    LORA_RANK,
+    NUM_WORKERS,
+    SEED,
+    STEPS,
+    TRAIN_SEED,
+    WIDTH,
+)
 
 # SDPA kernels the training step may use on CUDA. docs/design.md sec. 9: SDPA's default choice for these
 # shapes on H100 is cuDNN attention, whose *backward* failed; FlashAttention and the
@@ -150,6 +163,17 @@ class TrainConfig:
                 raise MusarError(f"config {key} must be >= 0, got {value}")
         if self.total_steps < 1:
             raise MusarError(f"config max_steps must be >= 1, got {self.total_steps}")
+        # Upper bounds on what sizes memory and processes: a typo (batch_size: 10000) fails here,
+        # not as an out-of-memory kill an hour into data loading. The rules say where each comes from.
+        for key, rule, number in (("optim.batch_size", BATCH_SIZE, self.optim.batch_size),
+                                  ("data.num_workers", NUM_WORKERS, self.data.num_workers),
+                                  ("lora.noise_rank", LORA_RANK, self.lora.noise_rank),
+                                  ("lora.subject_rank", LORA_RANK, self.lora.subject_rank),
+                                  ("lora.dropout", LORA_DROPOUT, self.lora.dropout)):
+            rule.check(number, f"config {key}")
+        for key, alpha in (("lora.noise_alpha", self.lora.noise_alpha), ("lora.subject_alpha", self.lora.subject_alpha)):
+            if alpha is not None:
+                LORA_ALPHA.check(alpha, f"config {key}")
         if self.optim.lr <= 0:
             raise MusarError(f"config optim.lr must be > 0, got {self.optim.lr}")
         for key, size in {"data.view_size": self.data.view_size, "data.condition_size": self.data.condition_size}.items():
@@ -293,24 +317,18 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise MusarError(f"override {assignment!r}: {part!r} is not a section")
-    try:
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        raise MusarError(f"override {assignment!r}: the value is not valid YAML") from None
+    # parse_yaml bounds the value like a config file: an alias bomb typed on the command line
+    # is as hostile as one in a file.
+    node[parts[-1]] = parse_yaml(raw, f"override {assignment[:80]!r}") if raw.strip() else None
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Read a YAML config (or the defaults for ``None``), apply ``key=value`` overrides, check it."""
     data: Any = {}
     if path is not None:
+        data = read_yaml(path, "config file")
+        data = {} if data is None else data  # an empty file is the defaults
         path = Path(path)
-        if not path.is_file():
-            raise MusarError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise MusarError(f"config file {path} is not valid YAML: {first}") from None
         if not isinstance(data, dict):
             raise MusarError(f"config file {path} must hold a mapping of keys, got {type(data).__name__}")
     for assignment in overrides:

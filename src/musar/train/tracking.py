@@ -17,15 +17,18 @@ import numpy as np
 from PIL import Image
 
 from musar.utils.io import atomic_write_text
+from musar.utils.safe_load import read_lines
 
 METRICS_FILE = "metrics.jsonl"
+# ~300 bytes a record: a million logged steps is 300 MB. Above this it is not our log.
+MAX_METRICS_BYTES = 512 * 1024 * 1024
 
 
 def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(output_dir) / METRICS_FILE
-    if not path.is_file():
+    if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return read_lines(path, "metrics log", expect=dict, max_bytes=MAX_METRICS_BYTES)
 
 
 def truncate_metrics(output_dir: str | Path, step: int) -> None:

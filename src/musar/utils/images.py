@@ -8,6 +8,7 @@ so input checks stay fast (the CLI runs them before loading any model).
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
@@ -17,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from musar.errors import MusarError
+from musar.utils.safe_load import as_path, open_regular, path_errors, shown
 from musar.utils.validation import CONDITION_FITS, DEFAULT_CONDITION_FIT, DEFAULT_MAX_IMAGE_PIXELS, Fit
 
 PAD_COLOUR = (255, 255, 255)  # references are mostly product-style shots on white
@@ -44,43 +46,85 @@ def check_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> 
 
 def _read(path: Path, max_pixels: int | None, decode: bool) -> Any:
     limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
-    if not path.exists():
-        raise MusarError(f"reference image not found: {path}")
-    if path.is_dir():
-        raise MusarError(f"reference image is a directory: {path}")
+    path = as_path(path, "reference image")
+    with path_errors("reference image", path):
+        if path.is_dir():
+            raise MusarError(f"reference image is a directory: {shown(path)}")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), open_regular(path, "reference image") as f:
             # Our limit is stricter than Pillow's warning threshold; its warning would be noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            # A damaged EXIF block warns while the header is read (JPEG looks for a DPI there);
+            # the image is still good, and exif_transpose below ignores the block the same way.
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")
+            with Image.open(f) as im:
                 width, height = im.size  # from the header: nothing decoded yet
                 if width * height > limit:
                     raise MusarError(
-                        f"image too large: {path} is {width}x{height} ({width * height:,} pixels), "
+                        f"image too large: {shown(path)} is {width}x{height} ({width * height:,} pixels), "
                         f"above the limit of {limit:,} pixels (--max-image-pixels)"
                     )
                 if not decode:
                     return width, height
                 im.load()  # decode now: a truncated file fails here, not mid-generation
-                return im.copy()
+                return drop_bad_icc(im.copy())
     except MusarError:
         raise
     except Image.DecompressionBombError:
-        raise MusarError(f"image too large: {path} declares more pixels than Pillow will decode") from None
+        raise MusarError(f"image too large: {shown(path)} declares more pixels than Pillow will decode") from None
     except UnidentifiedImageError:
-        raise MusarError(f"not an image file: {path}") from None
+        raise MusarError(f"not an image file: {shown(path)}") from None
     except PermissionError:
-        raise MusarError(f"cannot read reference image (permission denied): {path}") from None
+        raise MusarError(f"cannot read reference image (permission denied): {shown(path)}") from None
     except MemoryError:
-        raise MusarError(f"cannot decode image {path}: out of memory") from None
+        raise MusarError(f"cannot decode image {shown(path)}: out of memory") from None
     except Exception as e:  # decoders raise many types (OSError, SyntaxError, struct.error, ...)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MusarError(f"cannot decode image {path}: {first}") from None
+        raise MusarError(f"cannot decode image {shown(path)}: {first[:200]}") from None
+
+
+def drop_bad_icc(image: Image.Image) -> Image.Image:
+    """``image`` without its ICC profile if littlecms cannot parse it (or is missing).
+
+    Nothing here applies profiles, but a saved or converted copy carries ``info["icc_profile"]``
+    on to code that might (Pillow's own ImageCms, a viewer); a malformed one is dropped here
+    instead of failing there.
+    """
+    if "icc_profile" not in image.info:
+        return image
+    icc = image.info["icc_profile"]
+    if not icc:  # Pillow leaves None where the chunk would not decompress
+        image.info.pop("icc_profile", None)
+        return image
+    try:
+        from PIL import ImageCms
+
+        ImageCms.ImageCmsProfile(io.BytesIO(icc if isinstance(icc, bytes) else bytes(icc)))
+    except Exception:  # lcms reports a bad profile as several types (PyCMSError, OSError, TypeError)
+        image.info.pop("icc_profile", None)
+    return image
+
+
+def exif_transpose(image: Image.Image) -> Image.Image:
+    """``image`` turned upright by its EXIF orientation, or unchanged if the EXIF is malformed.
+
+    EXIF is an untrusted TIFF structure inside the file; Pillow's parser raises a zoo of types
+    (SyntaxError, struct.error, KeyError, ValueError, ...) or warns on a damaged block. A photo
+    shown without its rotation is better than no photo, so any failure means no rotation.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Corrupt EXIF data", "Truncated File Read", ...
+            return ImageOps.exif_transpose(image) or image
+    except MemoryError:
+        raise
+    except Exception:
+        return image
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode -> RGB; transparency composited onto white, 16-bit scaled down properly."""
-    image = ImageOps.exif_transpose(image) or image
+    image = exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(image, dtype=np.float64)
         hi = 65535.0 if image.mode.startswith("I;16") or arr.max() > 255 else 255.0
@@ -95,7 +139,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (*PAD_COLOUR, 255))
         image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB")
+    return drop_bad_icc(image.convert("RGB"))  # a new image: the caller's keeps its info
 
 
 def fit_square(image: Image.Image, size: int, fit: Fit = DEFAULT_CONDITION_FIT) -> Image.Image:
@@ -122,3 +166,9 @@ def load_reference(
     return fit_square(to_rgb(image), size, fit)
 
 
+
+
+def open_rgb(path: str | os.PathLike[str], max_pixels: int | None = None) -> Image.Image:
+    """An image file as upright RGB, read as defensively as a reference (regular file, pixel
+    limit before decoding, malformed EXIF or ICC tolerated): for every other image read path."""
+    return to_rgb(open_image(path, max_pixels))

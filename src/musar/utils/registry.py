@@ -16,7 +16,6 @@ any model, and utils/ (quiet.py, validation.py) reads the registered names.
 from __future__ import annotations
 
 import importlib
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from musar.errors import MusarError
+from musar.utils.safe_load import read_json
 
 PRESET_GROUP = "musar.presets"
 COMPONENT_GROUP = "musar.components"
@@ -77,9 +77,9 @@ def import_registered_components(folder: str | os.PathLike[str]) -> None:
     if not index.is_file():
         return
     try:
-        entries = json.loads(index.read_text()).values()
-    except (OSError, ValueError):
-        return  # diffusers reports a broken index itself
+        entries = read_json(index, "model index", expect=dict).values()
+    except MusarError:
+        return  # the pipeline's own read of the index reports it in one line
     allowed = registered_component_modules()
     for entry in entries:
         if isinstance(entry, list) and entry and entry[0] in allowed:

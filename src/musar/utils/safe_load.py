@@ -18,49 +18,153 @@ The mechanism, not a case list:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from musar.errors import MusarError
 
 MAX_TEXT_BYTES = 64 * 1024 * 1024  # no JSON/YAML file of ours comes near; a bound, not a budget
 MAX_DEPTH = 64  # our deepest real file (a train config) nests 4 levels
 MAX_NODES = 1_000_000  # values in one parsed document, aliases expanded
+# Linux's NAME_MAX and PATH_MAX (macOS: 255 and 1024, the OS refuses there first). Checked here so
+# a too-long name is our one line, not ENAMETOOLONG from whichever call happened to stat it first.
+NAME_MAX = 255
+PATH_MAX = 4096
+
+
+def shown(path: str | os.PathLike[str]) -> str:
+    """``path`` for a one-line message: control characters (a newline in a file name would split
+    the line) and undecodable bytes are escaped, printable text is kept as typed."""
+    text = os.fspath(path)
+    text = text if isinstance(text, str) else os.fsdecode(text)
+    if text.isprintable():
+        return text
+    return repr(text)[1:-1]
+
+
+def as_path(path: str | os.PathLike[str], what: str = "path") -> Path:
+    """``path`` with ``~`` expanded, or one line saying why the OS could never open it.
+
+    pathlib raises ``RuntimeError`` for ``~nosuchuser``, ``ValueError`` for a NUL byte and
+    ``OSError`` (ENAMETOOLONG) for a long name, each from a different call; this is the one
+    place all of them become a :class:`MusarError` naming ``what``.
+    """
+    try:
+        raw = os.fspath(path)
+    except TypeError:
+        raise MusarError(f"{what} must be a path, got {type(path).__name__}") from None
+    text = raw if isinstance(raw, str) else os.fsdecode(raw)
+    if "\x00" in text:
+        raise MusarError(f"{what} path contains a NUL byte: {shown(text)}")
+    try:
+        expanded = Path(text).expanduser()
+    except RuntimeError:  # "~user" with no such user (or no home directory at all)
+        raise MusarError(f"{what} path starts with an unknown home directory: {shown(text)}") from None
+    try:
+        encoded = os.fsencode(expanded)
+    except UnicodeError:  # lone surrogates that no file system name can hold
+        raise MusarError(f"{what} path is not encodable as a file name: {shown(text)}") from None
+    if len(encoded) >= PATH_MAX:
+        raise MusarError(f"{what} path is longer than {PATH_MAX - 1} bytes: {shown(text)[:80]}...")
+    long = next((part for part in encoded.split(b"/") if len(part) > NAME_MAX), None)
+    if long is not None:
+        raise MusarError(
+            f"{what} path has a part longer than {NAME_MAX} bytes ({len(long)}): {shown(os.fsdecode(long))[:60]}..."
+        )
+    return expanded
+
+
+@contextlib.contextmanager
+def path_errors(what: str, path: str | os.PathLike[str]) -> Iterator[None]:
+    """Whatever the OS says while looking at ``path`` (EACCES on a parent, ELOOP, a path that
+    changed under us) becomes one :class:`MusarError` line naming ``what``."""
+    try:
+        yield
+    except MusarError:
+        raise
+    except PermissionError:
+        raise MusarError(f"cannot use {what} (permission denied): {shown(path)}") from None
+    except OSError as e:
+        raise MusarError(f"cannot use {what} {shown(path)}: {e.strerror or e}") from None
+    except (ValueError, RuntimeError) as e:
+        raise MusarError(f"bad {what} path {shown(path)}: {e}") from None
 
 
 def check_regular_file(path: str | os.PathLike[str], what: str = "file") -> Path:
     """``path`` exists and is a regular file (following symlinks): never a FIFO, device or socket."""
-    path = Path(path).expanduser()
+    path = as_path(path, what)
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
-        raise MusarError(f"{what} not found: {path}") from None
+        raise MusarError(f"{what} not found: {shown(path)}") from None
     except OSError as e:
-        raise MusarError(f"cannot read {what} {path}: {e.strerror or e}") from None
+        raise MusarError(f"cannot read {what} {shown(path)}: {e.strerror or e}") from None
     if stat.S_ISDIR(mode):
-        raise MusarError(f"{what} is a folder, not a file: {path}")
+        raise MusarError(f"{what} is a folder, not a file: {shown(path)}")
     if not stat.S_ISREG(mode):
-        raise MusarError(f"{what} is not a regular file (a pipe, device or socket): {path}")
+        raise MusarError(f"{what} is not a regular file (a pipe, device or socket): {shown(path)}")
     return path
+
+
+@contextlib.contextmanager
+def open_regular(path: str | os.PathLike[str], what: str = "file") -> Iterator[IO[bytes]]:
+    """``path`` opened for binary reading, checked to be a regular file *on the open descriptor*
+    as well: a path swapped for a FIFO between the check and the open still cannot block us
+    (``O_NONBLOCK`` makes that open return at once, and fstat then refuses it)."""
+    path = check_regular_file(path, what)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        raise MusarError(f"cannot read {what} {shown(path)}: {e.strerror or e}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise MusarError(f"{what} is not a regular file (a pipe, device or socket): {shown(path)}")
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with f:
+        yield f
+
+
+def read_bytes(path: str | os.PathLike[str], what: str = "file", max_bytes: int = MAX_TEXT_BYTES) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes``, or one line saying why not."""
+    with open_regular(path, what) as f:
+        try:
+            raw = f.read(max_bytes + 1)
+        except OSError as e:
+            raise MusarError(f"cannot read {what} {shown(path)}: {e.strerror or e}") from None
+    if len(raw) > max_bytes:
+        raise MusarError(f"{what} {shown(path)} is larger than {max_bytes:,} bytes; is it the right file?")
+    return raw
+
+
+def decode_utf8(raw: bytes, where: str) -> str:
+    """``raw`` as UTF-8 text, or one line naming ``where`` and the first bad byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MusarError(f"{where} is not UTF-8 text (byte {e.start}: {e.reason})") from None
 
 
 def read_text(path: str | os.PathLike[str], what: str = "file", max_bytes: int = MAX_TEXT_BYTES) -> str:
     """The UTF-8 text of a regular file of at most ``max_bytes``, or one line saying why not."""
-    path = check_regular_file(path, what)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(max_bytes + 1)
-    except OSError as e:
-        raise MusarError(f"cannot read {what} {path}: {e.strerror or e}") from None
-    if len(raw) > max_bytes:
-        raise MusarError(f"{what} {path} is larger than {max_bytes:,} bytes; is it the right file?")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise MusarError(f"{what} {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    return decode_utf8(read_bytes(path, what, max_bytes), f"{what} {shown(as_path(path, what))}")
+
+
+def read_lines(path: str | os.PathLike[str], what: str = "file", expect: type | tuple[type, ...] | None = None,
+               max_bytes: int = MAX_TEXT_BYTES) -> list[Any]:
+    """A JSON-lines file: one defensively parsed value per non-blank line (see :func:`parse_json`)."""
+    shown_path = shown(as_path(path, what))
+    text = read_text(path, what, max_bytes)
+    return [parse_json(line, f"{what} {shown_path} line {n}", expect)
+            for n, line in enumerate(text.splitlines(), 1) if line.strip()]
 
 
 def check_structure(value: Any, where: str, max_depth: int = MAX_DEPTH, max_nodes: int = MAX_NODES) -> Any:
@@ -108,8 +212,8 @@ def parse_json(text: str, where: str, expect: type | tuple[type, ...] | None = N
 def read_json(path: str | os.PathLike[str], what: str = "JSON file",
               expect: type | tuple[type, ...] | None = None, max_bytes: int = MAX_TEXT_BYTES) -> Any:
     """A JSON file, defensively: regular file, bounded size, UTF-8, bounded depth, type."""
-    path = Path(path).expanduser()
-    return parse_json(read_text(path, what, max_bytes), f"{what} {path}", expect)
+    path = as_path(path, what)
+    return parse_json(read_text(path, what, max_bytes), f"{what} {shown(path)}", expect)
 
 
 def parse_yaml(text: str, where: str, expect: type | tuple[type, ...] | None = None) -> Any:
@@ -130,5 +234,5 @@ def parse_yaml(text: str, where: str, expect: type | tuple[type, ...] | None = N
 def read_yaml(path: str | os.PathLike[str], what: str = "YAML file",
               expect: type | tuple[type, ...] | None = None, max_bytes: int = MAX_TEXT_BYTES) -> Any:
     """A YAML file, defensively (see :func:`read_json`)."""
-    path = Path(path).expanduser()
-    return parse_yaml(read_text(path, what, max_bytes), f"{what} {path}", expect)
+    path = as_path(path, what)
+    return parse_yaml(read_text(path, what, max_bytes), f"{what} {shown(path)}", expect)

@@ -17,7 +17,6 @@ The CLI wires both to its arguments in one declaration each (:mod:`musar.cli.arg
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from musar.errors import MusarError
+from musar.utils.safe_load import as_path, check_regular_file, parse_json, path_errors, shown
 
 
 @dataclass(frozen=True)
@@ -138,9 +138,25 @@ CONDITION_FITS: tuple[str, ...] = get_args(Fit)
 DEFAULT_CONDITION_FIT: Fit = "pad"
 # Layout box coordinates are checked by musar.models.boxes.check_box (a box is 4 numbers or "none").
 
+# Resource bounds: values a config file or a LoRA header can set that size memory or processes.
+# They catch a typo (or a hostile file) before it allocates, far above any real run.
+LORA_RANK = Number("LoRA rank", int, 1, 4096,
+                   why="FLUX's hidden size is 3072, a rank above it adds nothing; the paper uses 4 and 128")
+LORA_ALPHA = Number("LoRA alpha", float, 0, 65504,
+                    why="scale numerator (alpha / rank); 65504 is the largest fp16 value")
+LORA_DROPOUT = Number("LoRA dropout", float, 0, 1, why="a probability")
+BATCH_SIZE = Number("batch size", int, 1, 1024,
+                    why="samples per process; FLUX at 512 px fits a handful per 80 GB GPU, 1024 only catches typos")
+NUM_WORKERS = Number("DataLoader workers", int, 0, 64,
+                     why="processes per rank, each holding a reader and prefetched images; a fixed cap so a "
+                         "config means the same on every machine")
+PREVIEW_SAMPLES = Number("number of samples", int, 1, 256,
+                         why="one 168 px contact-sheet row each; 256 rows is a ~130 MB RGB sheet")
+
 RULES: tuple[Number, ...] = (
     SEED, STEPS, GUIDANCE, HEIGHT, WIDTH, CONDITION_SIZE, MAX_IMAGE_PIXELS, PORT, COUNT, METRICS_BATCH,
-    TRAIN_SEED, REFS, BENCH_SIZE, TOKENS, REPEATS, WARMUP, THREADS,
+    TRAIN_SEED, REFS, BENCH_SIZE, TOKENS, REPEATS, WARMUP, THREADS, LORA_RANK, LORA_ALPHA, LORA_DROPOUT,
+    BATCH_SIZE, NUM_WORKERS, PREVIEW_SAMPLES,
 )
 
 
@@ -188,23 +204,21 @@ def device_name(text: str) -> str:
 
 
 def check_input_file(path: str | os.PathLike[str], what: str = "file") -> Path:
-    """An existing, readable regular file."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise MusarError(f"{what} not found: {path}")
-    if path.is_dir():
-        raise MusarError(f"{what} is a folder, not a file: {path}")
-    if not os.access(path, os.R_OK):
-        raise MusarError(f"cannot read {what} (permission denied): {path}")
+    """An existing, readable regular file (a FIFO or a device would block or never end)."""
+    path = check_regular_file(path, what)
+    with path_errors(what, path):
+        if not os.access(path, os.R_OK):
+            raise MusarError(f"cannot read {what} (permission denied): {shown(path)}")
     return path
 
 
 def check_input_dir(path: str | os.PathLike[str], what: str = "folder") -> Path:
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise MusarError(f"{what} not found: {path}")
-    if not path.is_dir():
-        raise MusarError(f"{what} is not a folder: {path}")
+    path = as_path(path, what)
+    with path_errors(what, path):
+        if not path.exists():
+            raise MusarError(f"{what} not found: {shown(path)}")
+        if not path.is_dir():
+            raise MusarError(f"{what} is not a folder: {shown(path)}")
     return path
 
 
@@ -220,36 +234,38 @@ def _probe_folder(folder: Path, target: Path) -> None:
     mislead on read-only mounts and for root), then remove it; create no folder."""
     existing = _nearest_existing(folder)
     if not existing.is_dir():
-        raise MusarError(f"output path is not writable: {target} ({existing} is a file, not a folder)")
+        raise MusarError(f"output path is not writable: {shown(target)} ({shown(existing)} is a file, not a folder)")
     try:
         fd, probe = tempfile.mkstemp(prefix=".musar-probe.", dir=existing)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise MusarError(f"output path is not writable: {target} ({e.strerror or e})") from None
+        raise MusarError(f"output path is not writable: {shown(target)} ({e.strerror or e})") from None
 
 
 def check_output_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
     """Files about to be written (replaced if present): none is a folder, each folder writable."""
     checked = []
     for p in paths:
-        path = Path(p).expanduser()
-        if path.is_dir():
-            raise MusarError(f"output path is a folder: {path}")
-        if path.exists() and not path.is_file():
-            raise MusarError(f"output path is not a regular file: {path}")
-        _probe_folder(path.parent, path)
+        path = as_path(p, "output")
+        with path_errors("output path", path):
+            if path.is_dir():
+                raise MusarError(f"output path is a folder: {shown(path)}")
+            if path.exists() and not path.is_file():
+                raise MusarError(f"output path is not a regular file: {shown(path)}")
+            _probe_folder(path.parent, path)
         checked.append(path)
     return checked
 
 
 def check_output_dir(path: str | os.PathLike[str], files: Iterable[str] = ()) -> Path:
     """A folder to write into (created later if missing) and the ``files`` to be written in it."""
-    path = Path(path).expanduser()
-    if path.exists() and not path.is_dir():
-        raise MusarError(f"output folder is a file: {path}")
-    check_output_files(path / f for f in files)
-    _probe_folder(path, path)
+    path = as_path(path, "output folder")
+    with path_errors("output folder", path):
+        if path.exists() and not path.is_dir():
+            raise MusarError(f"output folder is a file: {shown(path)}")
+        check_output_files(path / f for f in files)
+        _probe_folder(path, path)
     return path
 
 
@@ -260,7 +276,7 @@ def sidecar_path(image: str | os.PathLike[str]) -> Path:
 
 def check_image_output(path: str | os.PathLike[str], suffix: str = ".png") -> Path:
     """An output image *and its sidecar*: both must be writable before any work starts."""
-    path = Path(path).expanduser()
+    path = as_path(path, "output image")
     if path.suffix.lower() != suffix:
         raise MusarError(f"must be a {suffix} file, got {path}")
     check_output_files([path, sidecar_path(path)])
@@ -276,7 +292,7 @@ def check_model_source(spec: str, what: str = "model", marker: str = "model_inde
     """A local folder must hold ``marker`` (a diffusers pipeline's ``model_index.json``, a
     transformers model's ``config.json``); anything else must read as a hub id (``org/name``), so
     a mistyped local path fails now instead of as a download attempt."""
-    path = Path(spec).expanduser()
+    path = as_path(spec, what)
     if path.exists():
         if not path.is_dir():
             raise MusarError(f"{what} {spec!r} is a file; give a model folder or a hub id")
@@ -296,6 +312,35 @@ def check_preset_name(name: str) -> None:
 LORA_FORMAT = "musar-branch-lora"  # the "format" in a MUSAR LoRA file's header (musar.lora.io writes it)
 
 
+def _integer(value: object, rule: Number, name: str) -> int:
+    # A header is JSON we did not write: 4.0 or true would pass Number's whole-number test and
+    # then reach torch as a float or a bool.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise MusarError(f"{name} must be an integer, got {value!r}")
+    return int(rule.check(value, name))
+
+
+def check_lora_config(config: object, where: str) -> dict[str, object]:
+    """The ``lora_config`` a LoRA header carries, checked before any tensor is allocated: ranks,
+    alphas, dropout, mode and targets have the types and bounds a trained file can have."""
+    if not isinstance(config, dict):
+        raise MusarError(f"{where}: the LoRA config is not a mapping")
+    for key in ("noise_rank", "subject_rank"):
+        if key in config:
+            _integer(config[key], LORA_RANK, f"{where}: {key}")
+    for key in ("noise_alpha", "subject_alpha"):
+        if config.get(key) is not None:
+            LORA_ALPHA.check(config[key], f"{where}: {key}")
+    if "dropout" in config:
+        LORA_DROPOUT.check(config["dropout"], f"{where}: dropout")
+    if "mode" in config and config["mode"] not in ("dual", "shared"):
+        raise MusarError(f"{where}: mode must be 'dual' or 'shared', got {config['mode']!r}")
+    targets = config.get("targets", [])
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise MusarError(f"{where}: targets must be a list of module patterns, got {targets!r}")
+    return config
+
+
 def check_lora_file(path: str | os.PathLike[str]) -> Path:
     """A MUSAR LoRA file, judged by its header (no tensor is read): safetensors, complete, ours."""
     from musar.utils.tensorfile import read_header
@@ -309,11 +354,9 @@ def check_lora_file(path: str | os.PathLike[str]) -> Path:
         raise
     fmt = header.metadata.get("format")
     if fmt != LORA_FORMAT:
-        raise MusarError(f"{path} is a safetensors file but not a MUSAR branch LoRA (header format {fmt!r})")
-    try:
-        config = json.loads(header.metadata["lora_config"])
-        if not isinstance(config, dict):
-            raise ValueError("not a mapping")
-    except (KeyError, ValueError) as e:
-        raise MusarError(f"{path} has an unreadable LoRA config in its header: {e}") from None
+        raise MusarError(f"{shown(path)} is a safetensors file but not a MUSAR branch LoRA (header format {fmt!r})")
+    where = f"the LoRA config in {shown(path)}"
+    if "lora_config" not in header.metadata:
+        raise MusarError(f"{shown(path)} has no LoRA config in its header")
+    check_lora_config(parse_json(header.metadata["lora_config"], where), where)
     return path
