@@ -130,7 +130,7 @@ def _cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert list((out_dir / "tensorboard").glob("events.*"))
     rc, out, _ = run_cli(["train", "--config", "configs/tiny.yaml", "--max-steps", "3", "--output-dir", str(out_dir),
                           "--resume", "latest", "--set", "model.device=cpu"], capsys)
-    assert rc == 0 and "trained 3 steps" in out
+    assert rc == 0 and "trained 1 step (from step 2 to 3)" in out
 
 
 # -- objective -----------------------------------------------------------------------------------

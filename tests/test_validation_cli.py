@@ -72,7 +72,10 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("lora-missing", [*GEN, "--lora", "{fx}/nope.safetensors"], "argument --lora: LoRA file not found"),
     ("preset-huge", [*GEN, "--preset", "huge"], "argument --preset: unknown preset 'huge'"),
     ("eval-height-50", [*EVAL, "--height", "50"], "argument --height: must be between 64 and 4096, got 50"),
-    ("train-past-max-steps", [*TRAIN, "--output-dir", "{fx}/run", "--resume", "latest", "--max-steps", "2"],
+    # The run's own data (the fixture named it absolutely; configs/tiny.yaml's path is relative to the
+    # cwd), so the only thing wrong is max_steps.
+    ("train-past-max-steps", [*TRAIN, "--output-dir", "{fx}/run", "--resume", "latest", "--max-steps", "2",
+                              "--set", f"data.source={REPO / 'examples' / 'data' / 'toy_pairs.parquet'}"],
      "is at step 4, past max_steps 2"),
     # -- generate: numbers -------------------------------------------------------------------------
     ("seed-negative", [*GEN, "--seed", "-1"], "argument --seed: must be between 0"),

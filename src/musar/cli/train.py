@@ -117,7 +117,8 @@ def _train(cfg: TrainConfig, start: ResumePoint | None) -> int:
     if not result.main_process:
         return 0
     since = f" (from step {result.start_step} to {state.step})" if result.start_step else ""
-    print(f"trained {state.step - result.start_step} steps{since}: {state.updates} updates in all, "
+    n = state.step - result.start_step
+    print(f"trained {n} step{'s' if n != 1 else ''}{since}: {state.updates} updates in all, "
           f"{state.nonfinite_total} skipped as non-finite")
     print(f"LoRA: {result.lora_path}")
     print(f"checkpoint: {result.checkpoint}")

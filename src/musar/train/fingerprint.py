@@ -65,9 +65,23 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: value}
 
 
+# Keys that hold a hub id or a local path: one file named relatively once and absolutely the next
+# time is the same data, so local paths are compared by where they resolve.
+PATH_KEYS = ("model.pretrained", "data.source", "data.musar_gen")
+
+
+def _resolved(value: Any) -> Any:
+    if isinstance(value, str) and value and os.path.exists(value):
+        return os.path.realpath(value)
+    return value
+
+
 def run_config(cfg: TrainConfig) -> dict[str, Any]:
-    """The flattened config as JSON stores it (tuples as lists), so a record compares equal to it."""
-    return json.loads(json.dumps(flatten(to_dict(cfg)), default=str))
+    """The flattened config as JSON stores it (tuples as lists), so a record compares equal to it;
+    local paths resolved (:data:`PATH_KEYS`)."""
+    flat = flatten(to_dict(cfg))
+    flat.update({k: _resolved(flat[k]) for k in PATH_KEYS if k in flat})
+    return json.loads(json.dumps(flat, default=str))
 
 
 def defining(config: Mapping[str, Any]) -> dict[str, Any]:

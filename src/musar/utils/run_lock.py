@@ -48,7 +48,7 @@ LOCK_FILE = ".lock"
 _MAX_RECORD = 4096  # bytes of the holder record we read back; ours are ~200
 
 _guard = threading.Lock()
-_held: dict[str, list[int]] = {}  # lock file (real path) -> [fd, holds], this process's locks
+_held: dict[str, list[Any]] = {}  # lock file (real path) -> [fd, holds, bytes it held before], this process's locks
 
 
 class FolderInUse(MusarError):
@@ -120,6 +120,14 @@ class RunLock:
             entry[1] -= 1
             if entry[1] <= 0:
                 del _held[key]
+                # The record only names a live holder: put back what the file held, so a run that
+                # was refused (or has ended) leaves its folder byte for byte as it found it.
+                if entry[2] is not None:
+                    data, atime, mtime = entry[2]
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(entry[0], 0)
+                        os.pwrite(entry[0], data, 0)
+                        os.utime(entry[0], ns=(atime, mtime))
                 os.close(entry[0])  # closing the last descriptor releases the flock
 
     def __enter__(self) -> RunLock:
@@ -167,12 +175,13 @@ def acquire(folder: str | os.PathLike[str], what: str = "run") -> RunLock:
             os.close(fd)
             raise MusarError(f"cannot lock {path}: {e.strerror or e} (does this file system support flock?)") from None
         try:
-            record = _record()
+            st = os.fstat(fd)
+            before = (os.pread(fd, 1 << 16, 0), st.st_atime_ns, st.st_mtime_ns)
             os.ftruncate(fd, 0)
-            os.pwrite(fd, record, 0)
+            os.pwrite(fd, _record(), 0)
         except OSError:
-            pass  # the lock is what excludes; the record only names the holder
-        _held[key] = [fd, 1]
+            before = None  # the lock is what excludes; the record only names the holder
+        _held[key] = [fd, 1, before]
     return RunLock(folder, key)
 
 
