@@ -304,6 +304,23 @@ def qkv_projections(
     return image, (attn.add_q_proj(e), attn.add_k_proj(e), attn.add_v_proj(e))
 
 
+@dataclass(frozen=True)
+class AttentionCapture:
+    """What one attention layer scores with, handed to a processor's ``capture`` hook.
+
+    ``query``/``key`` are (B, H, L, d) exactly as attention uses them (after the RMSNorms and
+    RoPE), with their autograd graph, so a training loss may be built on them; a hook that only
+    measures should detach. ``text_len``: the prompt tokens at the front of a double block's
+    sequence (None in single blocks, whose input is already joint). ``routing``: the layer's
+    routing in a conditioned forward (its layout, spans and step), None in a plain one.
+    """
+
+    query: torch.Tensor
+    key: torch.Tensor
+    text_len: int | None
+    routing: LayerRouting | None
+
+
 class MusarAttnProcessor:
     """Drop-in replacement for diffusers' ``FluxAttnProcessor`` that routes attention.
 
@@ -311,10 +328,17 @@ class MusarAttnProcessor:
     same dispatch call, so a model whose processors were swapped still runs diffusers' own
     forward unchanged. ``set_attention_backend`` sets ``_attention_backend`` on it as on
     FLUX's processor; the routed calls use that backend too.
+
+    ``capture``: called with an :class:`AttentionCapture` in every forward (per-layer S*, q/k
+    probes, a grounding loss); it observes and changes nothing the layer computes. Give each layer
+    its own processor when capturing, since diffusers may share one instance between layers.
     """
 
     _attention_backend: KernelBackend = None
     _parallel_config: Any = None
+
+    def __init__(self, capture: Callable[[AttentionCapture], None] | None = None) -> None:
+        self.capture = capture
 
     def keeping_backend_of(self, old: object) -> MusarAttnProcessor:
         """This processor with ``old``'s attention backend and parallel config (what
@@ -347,6 +371,9 @@ class MusarAttnProcessor:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
+        if self.capture is not None:
+            self.capture(AttentionCapture(query.transpose(1, 2), key.transpose(1, 2),
+                                          text_len if text is not None else None, routing))
         if routing is None:  # FLUX's own call, (B, L, H, d)
             out = dispatch_attention_fn(
                 query, key, value, attn_mask=attention_mask,

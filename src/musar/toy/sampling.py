@@ -10,12 +10,13 @@ function dynamic routing is defined by. It serves three callers:
   layer (:class:`~musar.pipelines.routing_maps.RoutingRecorder` keeps only the layer mean);
 * the grounding term of base pretraining (:mod:`musar.toy.grounding`), with gradients.
 
-It is installed as a subclass of :class:`~musar.models.attention.MusarAttnProcessor`, so the
-transformer's forward keeps it and computes exactly what it computed before.
+It is the core processor's ``capture`` hook (:class:`~musar.models.attention.AttentionCapture`),
+so every layer computes exactly what it computes without it.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,8 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from musar.models.attention import LayerRouting, MusarAttnProcessor
-from musar.models.dispatch import KernelBackend, attention
+from musar.models.attention import AttentionCapture, MusarAttnProcessor
 from musar.models.routing import subject_affinity
 from musar.pipelines.pipeline_musar import MusarPipeline
 
@@ -65,6 +65,20 @@ class AffinityTap:
             aff = aff.masked_fill(~candidates.to(aff.device), float("-inf"))
         self.records[(step, layer)] = aff if self.grad else aff.detach().cpu()
 
+    def capture(self, layer: int, seen: AttentionCapture) -> None:
+        """The hook of layer ``layer`` (see :func:`install_tap`)."""
+        if seen.routing is None:  # text-only: the prompt leads the sequence (double blocks say how long)
+            if seen.text_len is not None:
+                self.text_len = seen.text_len
+            n = self.text_len
+            self.record(layer, self.step, seen.query[:, :, n:], seen.key[:, :, :n], None)
+            return
+        ctx = seen.routing.ctx
+        if ctx.cache is None:  # a cached forward holds no prompt keys of its own layout
+            lay = ctx.layout
+            self.record(seen.routing.index, ctx.step, seen.query[:, :, lay.noise_slice], seen.key[:, :, lay.prompt_slice],
+                        ctx.spans, ctx.candidates_on(seen.query.device))
+
     def clear(self) -> None:
         self.records = {}
         self.batches = []
@@ -93,57 +107,6 @@ class AffinityTap:
         ])
 
 
-class _TapRouting:
-    """Stands in for a layer's :class:`LayerRouting`: hands q/k to the tap, then routes as usual."""
-
-    def __init__(self, routing: LayerRouting, tap: AffinityTap) -> None:
-        self.routing, self.tap = routing, tap
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: KernelBackend = None) -> torch.Tensor:
-        ctx = self.routing.ctx
-        if ctx.cache is None:  # a cached forward holds no prompt keys of its own layout
-            lay = ctx.layout
-            self.tap.record(self.routing.index, ctx.step, q[:, :, lay.noise_slice], k[:, :, lay.prompt_slice], ctx.spans,
-                            ctx.candidates_on(q.device))
-        return self.routing.attend(q, k, v, backend=backend)
-
-
-class _TapPlain:
-    """A forward without conditions routes nothing (the transformer calls its layers as FLUX
-    does), so this stands in for the missing routing: it records S* of the prompt-then-image
-    sequence and attends unmasked, which is what the layer computes without it."""
-
-    def __init__(self, tap: AffinityTap, index: int) -> None:
-        self.tap, self.index = tap, index
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: KernelBackend = None) -> torch.Tensor:
-        n = self.tap.text_len
-        self.tap.record(self.index, self.tap.step, q[:, :, n:], k[:, :, :n], None)
-        return attention(q, k, v, backend=backend)
-
-
-class TapProcessor(MusarAttnProcessor):
-    def __init__(self, tap: AffinityTap, index: int) -> None:
-        self.tap, self.index = tap, index
-
-    def __call__(  # type: ignore[override]
-        self,
-        attn: torch.nn.Module,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
-        routing: LayerRouting | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        if routing is None:
-            if encoder_hidden_states is not None:  # double blocks run first and carry the prompt apart
-                self.tap.text_len = encoder_hidden_states.shape[1]
-            wrapped: object = _TapPlain(self.tap, self.index)
-        else:
-            wrapped = _TapRouting(routing, self.tap)
-        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, wrapped)  # type: ignore[arg-type]
-
-
 def _blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
     return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]  # type: ignore[attr-defined]
 
@@ -158,21 +121,20 @@ def tapped(transformer: torch.nn.Module, tap: AffinityTap) -> Iterator[AffinityT
         remove_tap(transformer)
 
 
-def _swap(block: torch.nn.Module, new: MusarAttnProcessor) -> None:
-    block.attn.set_processor(new.keeping_backend_of(block.attn.processor))
-
-
 def install_tap(transformer: torch.nn.Module, tap: AffinityTap) -> None:
-    """Install ``tap`` for good (pretraining keeps it for every step)."""
+    """Install ``tap`` for good (pretraining keeps it for every step): each layer gets its own
+    core processor whose ``capture`` hook is the tap."""
     for i, block in enumerate(_blocks(transformer)):
-        _swap(block, TapProcessor(tap, i))
+        hook = functools.partial(tap.capture, i)
+        block.attn.set_processor(MusarAttnProcessor(capture=hook).keeping_backend_of(block.attn.processor))
 
 
 def remove_tap(transformer: torch.nn.Module) -> None:
     """Put plain :class:`MusarAttnProcessor` back wherever a tap is installed."""
     for block in _blocks(transformer):
-        if isinstance(block.attn.processor, TapProcessor):
-            _swap(block, MusarAttnProcessor())
+        proc = block.attn.processor
+        if isinstance(proc, MusarAttnProcessor) and proc.capture is not None:
+            block.attn.set_processor(MusarAttnProcessor().keeping_backend_of(proc))
 
 
 def decode(pipe: MusarPipeline, latents: torch.Tensor, height: int, width: int) -> list[Image.Image]:
