@@ -5,7 +5,8 @@ runs every block through :func:`run_blocks`. In short:
 
 * Every fenced block tagged ``bash``, ``sh``, ``shell`` or ``console`` (its ``$ `` lines) runs
   with ``bash -e -o pipefail``; every ``python`` block runs in the venv's Python. An untagged
-  block is text (a diagram, printed output) and must not look like a command.
+  block, or one tagged ``text``, is text (a diagram, printed output) and, untagged, must not look
+  like a command.
 * Each block runs in a fresh temporary folder: a copy of ``examples/``, a link to ``configs/``
   and the user files of :data:`USER_FILES`, with ``PATH`` starting at the venv's ``bin`` (so
   ``musar`` and ``python`` are the project's), ``OMP_NUM_THREADS=1``, ``HOME`` and ``TMPDIR``
@@ -38,6 +39,7 @@ DOC_FILES = ["README.md", *sorted(str(p.relative_to(REPO)) for p in (REPO / "doc
 
 SHELL_TAGS = {"bash", "sh", "shell", "console"}
 PYTHON_TAGS = {"python", "py"}
+TEXT_TAGS = {"text"}  # printed output or error text, shown as such: never run
 # An untagged block whose first word is one of these is a command someone forgot to tag.
 COMMAND_WORDS = {"musar", "python", "python3", "make", "accelerate", "pip", "bash", "huggingface-cli",
                  "tensorboard", "git", "cd", "export", "$", ".venv/bin/python", ".venv/bin/musar"}

@@ -97,6 +97,8 @@ def test_stats(parquet: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
         ["data", "stats", "--source", str(parquet), "--quality", "4", "--cache-dir", str(tmp_path)], capsys
     )
     assert rc == 0 and "kept: 11" in out.splitlines()
+    # without --check-images no image was decoded: the count is not claimed
+    assert "corrupt images: not checked (0 seen so far; --check-images decodes every image)" in out.splitlines()
 
 
 def test_bad_inputs_exit_2_with_one_line(
@@ -118,3 +120,26 @@ def test_bad_inputs_exit_2_with_one_line(
     (tmp_path / "file").write_text("x")
     rc, _, err = run(["data", "preview", "--source", str(parquet), "--out", str(tmp_path / "file")], capsys)
     assert_one_line_error(rc, err, "not a folder")
+
+
+def test_auto_padding_reads_each_pair_at_its_own_scale() -> None:
+    from musar.data.subjects200k import view_boxes
+
+    assert view_boxes(1056, 528, None) == view_boxes(1056, 528, 8)  # Subjects200K's published layout
+    assert view_boxes(132, 66, None) == ((1, 1, 65, 65), (67, 1, 131, 65))  # toy pairs: 64 px views, 1 px pad
+    # 8 px on a toy pair also fits the geometry (width is always twice the height), but crops each
+    # 64 px view to 50 px: the reason the CLI's default is auto
+    assert view_boxes(132, 66, 8)[0] == (8, 8, 58, 58)
+
+
+def test_preview_of_toy_pairs_keeps_whole_views(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from musar.data.preview import open_source
+
+    rc, _, err = run(["data", "preview", "--source", "examples/data/toy_pairs.parquet", "--n", "1",
+                      "--out", str(tmp_path / "p"), "--cache-dir", str(tmp_path / "c")], capsys)
+    assert rc == 0, err
+    # what the CLI's default (auto) reads: the whole 64 px views
+    source = open_source("examples/data/toy_pairs.parquet", limit=None, cache_dir=str(tmp_path / "c"),
+                         quality_threshold=5, padding=None)
+    pair = source.pair(0)
+    assert pair is not None and [v.size for v in pair.views] == [(64, 64), (64, 64)]

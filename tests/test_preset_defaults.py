@@ -91,6 +91,8 @@ def test_generate_toy_is_the_toy_worlds_image_bit_for_bit(tmp_path: Path) -> Non
     assert (side["height"], side["width"], side["steps"], side["condition_size"]) == (64, 64, 16, 64)
     assert (side["phrase_tokens"], side["max_sequence_length"], side["guidance"]) == (8, 64, FLUX_GENERATION.guidance)
     assert side["threads"] == torch.get_num_threads() and side["interop_threads"] >= 1
+    # the preset loaded the shipped LoRA without --lora: the sidecar says so
+    assert side["lora"]["path"] == str(SHIPPED_LORA.resolve()) and side["lora"]["from"] == "preset toy"
 
 
 @needs_weights

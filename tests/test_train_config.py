@@ -183,8 +183,8 @@ def test_optimizer_state_round_trips_without_pickle(tmp_path: Path) -> None:
     for p in params:
         p.grad = torch.randn_like(p)
     opt.step()
-    ckpt.save_optimizer(opt.state_dict(), tmp_path)
-    loaded = ckpt.load_optimizer(tmp_path)
+    ckpt.write_optimizer_state(opt.state_dict(), tmp_path)
+    loaded = ckpt.read_optimizer_state(tmp_path)
     assert loaded["param_groups"][0]["betas"] == (0.8, 0.99)
     fresh = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone()) for p in params], lr=1e-3)
     fresh.load_state_dict(loaded)

@@ -209,6 +209,22 @@ def test_studio_records_gallery_and_params(refs: tuple[str, str], tmp_path: Path
     assert params["command"] == r1.command and params["timings"] == {"total_s": 0.5}
 
 
+def test_toy_preset_form_and_command_use_the_presets_own_defaults(refs: tuple[str, str], tmp_path: Path) -> None:
+    from musar.ui.app import FormDefaults
+
+    form = FormDefaults.for_preset("toy")
+    assert (form.height, form.width, form.steps, form.condition_size) == (64, 64, 16, 64)
+    assert FormDefaults.for_preset("tiny") == FormDefaults(height=256, width=256, steps=4)  # declares none
+    pipe = FakePipe()
+    studio = Studio(pipe, ModelSource(preset="toy"), tmp_path / "ui")
+    request, _ = check([(refs[0], "a dog")])
+    assert request is not None
+    record = studio.generate(request)
+    # the pipeline ran with the toy's token counts and the printed command says them
+    assert (pipe.calls[0]["phrase_tokens"], pipe.calls[0]["max_sequence_length"]) == (8, 64)
+    assert "--phrase-tokens 8 --max-sequence-length 64" in record.command
+
+
 def test_failed_generation_leaves_no_folder_and_no_record(refs: tuple[str, str], tmp_path: Path) -> None:
     out = tmp_path / "ui"
     studio = Studio(FakePipe(fail=MusarError("subject phrases 'a' and 'b' share prompt tokens")), ModelSource(), out)

@@ -299,7 +299,9 @@ def _sidecar(
         "subjects": [{"image": str(Path(i).resolve()), "phrase": p} for i, p in args.subject],
         "model": args.model if args.model else (None if args.preset else "black-forest-labs/FLUX.1-dev"),
         "preset": args.preset,
-        "lora": {"path": str(Path(args.lora).resolve()), "sha256": pipe.lora_sha256} if args.lora else None,
+        # What the pipeline actually loaded: a preset may bring its own LoRA (toy) without --lora.
+        "lora": ({"path": str(Path(pipe.lora_path).resolve()), "sha256": pipe.lora_sha256,
+                  "from": "--lora" if args.lora else f"preset {args.preset}"} if getattr(pipe, "lora_path", None) else None),
         "seed": args.seed,
         "steps": args.steps,
         "guidance": args.guidance,

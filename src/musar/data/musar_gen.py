@@ -24,7 +24,7 @@ from musar.data.schema import (
     column_table,
     load_source,
 )
-from musar.data.subjects200k import decode_image, report_bad_rows
+from musar.data.subjects200k import corrupt_line, decode_image, report_bad_rows
 from musar.errors import MusarError
 
 
@@ -37,6 +37,7 @@ class MusarGenReport:
     kept: int = 0
     missing_fields: list[int] = field(default_factory=list)
     corrupt_images: list[int] = field(default_factory=list)
+    images_checked: bool = False  # every kept row decoded (``--check-images``)
 
     def lines(self) -> list[str]:
         return [
@@ -44,7 +45,7 @@ class MusarGenReport:
             f"rows: {self.total}",
             f"kept: {self.kept}",
             f"missing fields: {len(self.missing_fields)}",
-            f"corrupt images: {len(self.corrupt_images)}",
+            corrupt_line(self.corrupt_images, self.images_checked),
         ]
 
 

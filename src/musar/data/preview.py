@@ -50,7 +50,7 @@ def open_source(
     limit: int | None = None,
     cache_dir: str | None = None,
     quality_threshold: int = DEFAULT_QUALITY_THRESHOLD,
-    padding: int = DEFAULT_PADDING,
+    padding: int | None = DEFAULT_PADDING,
 ) -> Subjects200K | MusarGen:
     """Open ``source`` as Subjects200K or MUSAR-Gen, whichever its schema (or hub id) says."""
     if is_musar_gen_source(source):

@@ -54,8 +54,17 @@ def report_bad_rows(source: str, what: str, row_ids: Sequence[int], limit: int =
     )
 
 
-def view_boxes(width: int, height: int, padding: int = DEFAULT_PADDING) -> tuple[tuple[int, ...], ...]:
-    """PIL crop boxes ``(left, top, right, bottom)`` of the two views; see the module docstring."""
+def auto_padding(height: int) -> int:
+    """The published padding scaled to the image: 8 px at Subjects200K's 528 px height, at least 1
+    (the toy world's 66 px pairs: 1). Width and height alone cannot tell the padding (width is
+    always twice the height), so a fixed 8 px would silently crop smaller pairs."""
+    return max(1, round(8 * height / 528))
+
+
+def view_boxes(width: int, height: int, padding: int | None = DEFAULT_PADDING) -> tuple[tuple[int, ...], ...]:
+    """PIL crop boxes ``(left, top, right, bottom)`` of the two views; see the module docstring.
+    ``padding=None``: :func:`auto_padding`."""
+    padding = auto_padding(height) if padding is None else padding
     size = height - 2 * padding
     if padding < 0 or size <= 0 or width != 2 * size + 4 * padding:
         raise ViewLayoutError(
@@ -67,7 +76,7 @@ def view_boxes(width: int, height: int, padding: int = DEFAULT_PADDING) -> tuple
     return left, right
 
 
-def split_views(image: Image.Image, padding: int = DEFAULT_PADDING) -> tuple[Image.Image, Image.Image]:
+def split_views(image: Image.Image, padding: int | None = DEFAULT_PADDING) -> tuple[Image.Image, Image.Image]:
     """Cut a Subjects200K pair image into its two RGB views (pixel-exact, no resampling)."""
     left, right = view_boxes(image.width, image.height, padding)
     rgb = image.convert("RGB")
@@ -102,6 +111,13 @@ class SubjectPair:
     quality: dict[str, int] = field(default_factory=dict)
 
 
+def corrupt_line(corrupt: list[int], checked: bool) -> str:
+    """The report's corrupt-image line: a count is claimed only once every image was decoded."""
+    if checked:
+        return f"corrupt images: {len(corrupt)}"
+    return f"corrupt images: not checked ({len(corrupt)} seen so far; --check-images decodes every image)"
+
+
 @dataclass
 class FilterReport:
     """What the filter did to a source; ``corrupt_images`` grows as images are decoded."""
@@ -114,6 +130,7 @@ class FilterReport:
     missing_fields: list[int] = field(default_factory=list)
     corrupt_images: list[int] = field(default_factory=list)
     per_category: Counter[str] = field(default_factory=Counter)
+    images_checked: bool = False  # every kept image decoded (``--check-images``): the count is complete
 
     def lines(self) -> list[str]:
         out = [
@@ -123,7 +140,7 @@ class FilterReport:
             f"low quality: {self.low_quality}",
             f"other collection: {self.other_collection}",
             f"missing fields: {len(self.missing_fields)}",
-            f"corrupt images: {len(self.corrupt_images)}",
+            corrupt_line(self.corrupt_images, self.images_checked),
             f"categories: {len(self.per_category)}",
         ]
         out += [
@@ -159,7 +176,7 @@ class Subjects200K:
         *,
         name: str = "Subjects200K",
         quality_threshold: int = DEFAULT_QUALITY_THRESHOLD,
-        padding: int = DEFAULT_PADDING,
+        padding: int | None = DEFAULT_PADDING,
         collections: Sequence[str] | None = None,
     ) -> None:
         self.table = table
@@ -197,7 +214,7 @@ class Subjects200K:
         source: str,
         *,
         quality_threshold: int = DEFAULT_QUALITY_THRESHOLD,
-        padding: int = DEFAULT_PADDING,
+        padding: int | None = DEFAULT_PADDING,
         collections: Sequence[str] | None = None,
         limit: int | None = None,
         split: str = "train",

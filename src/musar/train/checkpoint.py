@@ -330,7 +330,10 @@ def _from_json(v: Any) -> Any:
 
 
 def split_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """A torch optimizer ``state_dict`` -> (tensors for safetensors, the rest for JSON)."""
+    """A torch optimizer ``state_dict`` -> (tensors for safetensors, the rest for JSON).
+
+    Kept by hand instead of ``torch.save``/``torch.load(weights_only=True)``: that is still a
+    pickle stream, and no checkpoint of ours may be one (tests/test_checkpoint_robustness.py)."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for index, values in state["state"].items():
@@ -358,13 +361,13 @@ def join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
     return {"state": state, "param_groups": _from_json(meta["param_groups"])}
 
 
-def save_optimizer(state: dict[str, Any], directory: Path, name: str = "optimizer") -> None:
+def write_optimizer_state(state: dict[str, Any], directory: Path, name: str = "optimizer") -> None:
     tensors, meta = split_optimizer_state(state)
     save_file(tensors, str(directory / f"{name}.safetensors"))
     write_json(directory / f"{name}.json", meta)
 
 
-def load_optimizer(directory: Path, name: str = "optimizer") -> dict[str, Any]:
+def read_optimizer_state(directory: Path, name: str = "optimizer") -> dict[str, Any]:
     path = directory / f"{name}.safetensors"
     if not path.is_file():
         raise MusarError(f"checkpoint {directory} has no optimizer state {path.name} (saved by another number of processes?)")

@@ -219,9 +219,9 @@ def save_optimizer(accelerator: Accelerator, model: Any, optimizer: Any, directo
     elif is_fsdp(accelerator):
         # Each rank's AdamW holds state for its own shard views (use_orig_params): saving the
         # shards as they are needs no gather and restores exactly on the same number of ranks.
-        ckpt.save_optimizer(optimizer.state_dict(), directory, f"optimizer_rank{accelerator.process_index}")
+        ckpt.write_optimizer_state(optimizer.state_dict(), directory, f"optimizer_rank{accelerator.process_index}")
     elif accelerator.is_main_process:
-        ckpt.save_optimizer(optimizer.state_dict(), directory)
+        ckpt.write_optimizer_state(optimizer.state_dict(), directory)
 
 
 def load_optimizer(accelerator: Accelerator, model: Any, optimizer: Any, directory: Path) -> None:
@@ -232,4 +232,4 @@ def load_optimizer(accelerator: Accelerator, model: Any, optimizer: Any, directo
         )
         return
     name = f"optimizer_rank{accelerator.process_index}" if is_fsdp(accelerator) else "optimizer"
-    optimizer.load_state_dict(ckpt.load_optimizer(directory, name))
+    optimizer.load_state_dict(ckpt.read_optimizer_state(directory, name))

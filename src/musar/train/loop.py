@@ -278,7 +278,9 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", steps_per_s=f"{rate:.2f}", refresh=False)
                     if cfg.validate_every and step % cfg.validate_every == 0:
                         self.validate()
-                    (stop_requested,) = any_across(acc, stop.signum is not None)
+                    if stop.signum is not None:  # a signal on any rank stops every rank at this step
+                        acc.set_trigger()
+                    stop_requested = acc.check_trigger()
                     if self.state.nonfinite_in_a_row >= cfg.max_nonfinite_in_a_row:
                         raise TrainingStopped(self._stop_message())
                     if stop_requested:

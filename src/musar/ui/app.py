@@ -52,7 +52,17 @@ class FormDefaults:
 
     @classmethod
     def for_preset(cls, preset: str | None) -> FormDefaults:
-        return cls(height=256, width=256, steps=4) if preset is not None else cls()
+        """The preset's own generation defaults where it declares them (toy: 64 px, 16 steps), else
+        small ones for a random preset, else FLUX.1's."""
+        from musar.pipelines.presets import FLUX_GENERATION, generation_defaults
+
+        if preset is None:
+            return cls()
+        own = generation_defaults(preset)
+        if own == FLUX_GENERATION:  # declares none (tiny): FLUX's sizes would take minutes on a CPU
+            return cls(height=256, width=256, steps=4)
+        return cls(height=own.height, width=own.width, steps=own.steps, guidance=own.guidance,  # type: ignore[arg-type]
+                   condition_size=own.condition_size)  # type: ignore[arg-type]
 
 
 def _supported(component: type, **options: Any) -> dict[str, Any]:

@@ -34,6 +34,14 @@ class Studio:
         # Gradio's queue already serialises clicks; the lock also covers callers without a queue.
         self._lock = threading.Lock()
 
+    def token_counts(self) -> dict[str, int]:
+        """The phrase and prompt token counts ``musar generate`` uses for this model (the preset's
+        own, else FLUX.1's), passed to the pipeline and printed in the command, so the two agree."""
+        from musar.pipelines.presets import generation_defaults
+
+        d = generation_defaults(self.source.preset)
+        return {"phrase_tokens": int(d.phrase_tokens), "max_sequence_length": int(d.max_sequence_length)}  # type: ignore[arg-type]
+
     def _new_folder(self) -> Path:
         taken = [int(p.name) for p in self.out_dir.glob("[0-9]*") if p.name.isdigit()]
         n = max(taken, default=0) + 1
@@ -70,6 +78,7 @@ class Studio:
             status("encoding the prompt and references")
         # A CPU generator, seeded as `musar generate` seeds it, so the CLI command gives the same noise.
         generator = torch.Generator(device="cpu").manual_seed(request.seed)
+        tokens = self.token_counts()
         result = self.pipe(
             prompt=request.prompt,
             subjects=list(refs),
@@ -86,6 +95,7 @@ class Studio:
             outside_boxes=request.outside_boxes,
             return_routing=True,
             progress=True,
+            **tokens,
         )
         image: Image.Image = result.images[0]
         image_path = folder / "image.png"
@@ -94,7 +104,7 @@ class Studio:
         grid_path, overlay_path = save_routing_maps(result, image, [p for _, p in refs], folder) or (None, None)
         command = cli_command(
             self.source, request, folder / "cli.png", folder / "cli_routing" if grid_path is not None else None,
-            threads=torch.get_num_threads(),
+            threads=torch.get_num_threads(), tokens=tokens,
         )
         record = Record(
             index=len(self.records) + 1,

@@ -315,7 +315,7 @@ def row_hint(problems: Sequence[Problem], subject: int) -> str:
 
 def cli_command(
     source: ModelSource, request: Request, out: str | Path, routing_maps: str | Path | None = None,
-    threads: int | None = None,
+    threads: int | None = None, tokens: dict[str, int] | None = None,
 ) -> str:
     """A ``musar generate`` command line that reproduces ``request``'s image, one option a line.
 
@@ -336,6 +336,9 @@ def cli_command(
         ["--attention", request.attention, *([] if request.dynamic_routing else ["--no-dynamic-routing"])],
         ["--out", str(Path(out).resolve())],
         ["--threads", str(threads)] if threads is not None else [],
+        # the token counts the image was made with (a preset's own differ from FLUX's)
+        [] if tokens is None else
+        ["--phrase-tokens", str(tokens["phrase_tokens"]), "--max-sequence-length", str(tokens["max_sequence_length"])],
     ]
     if routing_maps is not None:
         lines.append(["--routing-maps", str(Path(routing_maps).resolve())])
