@@ -22,7 +22,7 @@ import contextlib
 import json
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -196,17 +196,25 @@ def _expect(value: Any, expect: type | tuple[type, ...] | None, where: str) -> A
     return value
 
 
+def _parse(text: str, where: str, expect: type | tuple[type, ...] | None, kind: str,
+           load: Callable[[str], Any], errors: tuple[type[BaseException], ...], reason: Callable[[BaseException], str]) -> Any:
+    """The one bounded parse: a recursion error is "too deep", a parser error one line, then the
+    structure and top-level type checked."""
+    try:
+        value = load(text)
+    except RecursionError:
+        raise MusarError(f"{where} nests deeper than {MAX_DEPTH} levels; refusing to read it") from None
+    except errors as e:
+        raise MusarError(f"{where} is not valid {kind}: {reason(e)}") from None
+    return _expect(check_structure(value, where), expect, where)
+
+
 def parse_json(text: str, where: str, expect: type | tuple[type, ...] | None = None) -> Any:
     """Parse JSON text that came from ``where`` (a file name, or 'the header of X')."""
     if text.count("[") + text.count("{") > MAX_NODES:
         raise MusarError(f"{where} holds more than {MAX_NODES:,} values; refusing to read it")
-    try:
-        value = json.loads(text)
-    except RecursionError:
-        raise MusarError(f"{where} nests deeper than {MAX_DEPTH} levels; refusing to read it") from None
-    except ValueError as e:  # JSONDecodeError, and the int-digit limit of very long numbers
-        raise MusarError(f"{where} is not valid JSON: {str(e).splitlines()[0]}") from None
-    return _expect(check_structure(value, where), expect, where)
+    # ValueError: JSONDecodeError, and the int-digit limit of very long numbers
+    return _parse(text, where, expect, "JSON", json.loads, (ValueError,), lambda e: str(e).splitlines()[0])
 
 
 def read_json(path: str | os.PathLike[str], what: str = "JSON file",
@@ -222,13 +230,7 @@ def parse_yaml(text: str, where: str, expect: type | tuple[type, ...] | None = N
 
     if "\x00" in text:
         raise MusarError(f"{where} contains a NUL byte; it is not a text file")
-    try:
-        value = yaml.safe_load(text)
-    except RecursionError:
-        raise MusarError(f"{where} nests deeper than {MAX_DEPTH} levels; refusing to read it") from None
-    except yaml.YAMLError as e:
-        raise MusarError(f"{where} is not valid YAML: {' '.join(str(e).split())[:200]}") from None
-    return _expect(check_structure(value, where), expect, where)
+    return _parse(text, where, expect, "YAML", yaml.safe_load, (yaml.YAMLError,), lambda e: " ".join(str(e).split())[:200])
 
 
 def read_yaml(path: str | os.PathLike[str], what: str = "YAML file",
