@@ -102,9 +102,43 @@ def test_a_full_disk_mid_write_exits_1_and_changes_nothing(
     assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name], "no temporary file left"
 
 
-def test_on_a_real_full_file_system() -> None:
-    pytest.skip("needs a small file system to fill (tmpfs or a loop mount), which needs root here; "
-                "the ENOSPC tests above raise the same OSError where a write would")
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Any:
+    """A 4 MiB tmpfs, mounted for this test (root only: CI runs as root), unmounted after."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.strip() or 'not root'}); "
+                    "the ENOSPC tests above raise the same OSError where a write would")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(folder: Path) -> None:
+    """Write until the file system refuses one more byte (64 KiB blocks, then single bytes)."""
+    with open(folder / "filler", "wb", buffering=0) as f:
+        for block in (65536, 1):
+            try:
+                while True:
+                    f.write(b"\0" * block)
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
+
+
+def test_on_a_real_full_file_system(small_fs: Path, refs: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    out, maps = small_fs / "out" / "p.png", small_fs / "out" / "maps"
+    assert _generate(refs, out, maps, seed=1) == 0
+    before = _snapshot(small_fs / "out")
+    _fill(small_fs)
+    capsys.readouterr()
+    assert _generate(refs, out, maps, seed=2) == 1  # a different image: every file would change
+    assert "no space left on device" in _one_error(capsys.readouterr().err)
+    assert _snapshot(small_fs / "out") == before, "earlier outputs intact"
+    left = [p.name for p in small_fs.rglob("*") if p.is_file() and p.name != "filler"]
+    assert sorted(left) == sorted(Path(k).name for k in before), f"no temporary file left: {left}"
 
 
 def test_a_unit_changes_all_files_or_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
