@@ -105,3 +105,13 @@ def test_top_level_import_is_the_pipeline() -> None:
 
     assert musar.MusarPipeline is MusarPipeline
     assert issubclass(musar.MusarPipelineOutput, BaseOutput)
+
+
+def test_offload_without_cuda_is_refused_before_any_weight_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    import musar.pipelines.presets as presets
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: offload is allowed here")
+    monkeypatch.setattr(presets, "get_preset", lambda name: pytest.fail("a model was built"))
+    with pytest.raises(MusarError, match="--offload needs a CUDA GPU"):
+        presets.load_pipeline(preset="tiny", offload="model")

@@ -183,6 +183,10 @@ def load_pipeline(
         raise MusarError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPE_NAMES)}")
     if preset is not None and model is not None:
         raise MusarError("give either --model or --preset, not both")
+    if offload not in ("none", "model", "sequential"):
+        raise MusarError(f"unknown offload mode {offload!r}; expected none, model or sequential")
+    if offload != "none" and not torch.cuda.is_available():  # before any weight loads
+        raise MusarError("--offload needs a CUDA GPU (it moves weights between CPU and GPU)")
     spec = QuantizeSpec.parse(quantize)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     spec.check(device)
@@ -203,10 +207,6 @@ def load_pipeline(
         if mode != "shared":
             raise MusarError(f"the single-lora ablation needs a LoRA trained with mode 'shared' (got {mode})")
     if offload != "none":
-        if offload not in ("model", "sequential"):
-            raise MusarError(f"unknown offload mode {offload!r}; expected none, model or sequential")
-        if not torch.cuda.is_available():
-            raise MusarError("--offload needs a CUDA GPU (it moves weights between CPU and GPU)")
         (pipe.enable_model_cpu_offload if offload == "model" else pipe.enable_sequential_cpu_offload)()
     else:
         # Every component is already in its dtype: from_pretrained(dtype=) loaded it so (keeping the
