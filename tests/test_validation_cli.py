@@ -140,6 +140,7 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("eval-data-missing", [*EVAL[:4], "{fx}/nope.json", *EVAL[5:]], "argument --data: not found"),
     ("eval-bad-cases", [*EVAL[:4], "{fx}/bad.json", *EVAL[5:]], "cannot read custom cases"),
     ("eval-case-image-bomb", [*EVAL[:4], "{fx}/bomb_cases.json", *EVAL[5:]], "image too large"),
+    ("eval-case-image-truncated", [*EVAL[:4], "{fx}/trunc_cases.json", *EVAL[5:]], "cannot decode image"),
     ("eval-lora-missing", [*EVAL, "--lora", "{fx}/nope.safetensors"], "LoRA file not found"),
     ("eval-preset-huge", [*EVAL[:5], "--preset", "huge", *EVAL[7:]], "unknown preset 'huge'"),
     ("eval-metric-model", [*EVAL[:-3], "--dino-model", "./no/dino", "--out", "{w}/run"], "neither an existing folder"),
@@ -219,6 +220,7 @@ def fixtures(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (fx / "cases.json").write_text(json.dumps([{"prompt": PROMPT, "subjects": [{"image": "dog.png", "phrase": "a corgi"}]}]))
     (fx / "bad.json").write_text("[{")
     (fx / "bomb_cases.json").write_text(json.dumps([{"prompt": PROMPT, "subjects": [{"image": "bomb.png", "phrase": "a corgi"}]}]))
+    (fx / "trunc_cases.json").write_text(json.dumps([{"prompt": PROMPT, "subjects": [{"image": "trunc.png", "phrase": "a corgi"}]}]))
     return fx
 
 
