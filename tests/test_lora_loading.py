@@ -204,3 +204,35 @@ def test_branch_lora_finds_linears_inside_peft_layers(tiny_flux_config: dict) ->
     host = model.transformer_blocks[0].attn.to_q
     assert isinstance(host, BranchLoRALinear) and isinstance(host.base_layer, BaseTunerLayer)
     assert all(".base_layer." not in n for n, _ in lora_named_parameters(model))
+
+
+def test_stacking_standard_loras_is_quiet_but_real_warnings_still_show(files: dict[str, Path]) -> None:
+    import logging
+    import warnings
+
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    handler = Keep(level=logging.DEBUG)
+    loggers = [logging.getLogger(n) for n in ("diffusers.loaders.lora_base", "diffusers.loaders.peft")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        pipe = tiny_pipeline()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pipe.load_lora_weights(files["musar"])
+            pipe.load_lora_weights(files["style"], adapter_name="a")
+            pipe.load_lora_weights(files["style"], adapter_name="b")  # a second adapter: peft would warn
+            warnings.warn("Already found a `peft_config` attribute in the model", UserWarning, stacklevel=1)  # the user's own
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+    assert set(pipe.transformer.peft_config) >= {"a", "b"}
+    assert not [m for m in seen if m.startswith("No LoRA keys associated to CLIPTextModel")], seen
+    # only the warning raised outside the loading call came through
+    assert [str(w.message) for w in caught if "peft_config" in str(w.message)] == [
+        "Already found a `peft_config` attribute in the model"]

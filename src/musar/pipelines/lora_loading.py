@@ -40,6 +40,7 @@ from musar.lora.io import is_branch_lora_file, load_branch_lora, save_branch_lor
 from musar.lora.model import release_hosts, remove_branch_lora
 from musar.lora.stacking import forget_adapters, parse_token_kinds, restrict_adapter, unwrapped_hosts
 from musar.utils.io import file_sha256
+from musar.utils.quiet import quiet_lora_loading
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default file name
 MUSAR_KEY = re.compile(r"\.lora_[AB]\.(noise|subject|shared)\.weight$")
@@ -140,7 +141,7 @@ class MusarLoraLoaderMixin:
             raise MusarError(f"adapter name {adapter_name!r} is the MUSAR LoRA's; choose another")
         transformer = self.transformer
         before = set(getattr(transformer, "peft_config", None) or {})
-        with unwrapped_hosts(transformer):
+        with unwrapped_hosts(transformer), quiet_lora_loading():
             super().load_lora_weights(source, adapter_name=adapter_name, hotswap=hotswap, **kwargs)  # type: ignore[misc]
         if kinds is not None:
             for name in sorted(set(getattr(transformer, "peft_config", None) or {}) - before):

@@ -18,13 +18,16 @@ else: every other warning of these libraries still reaches the user. Installed o
   at import, and diffusers' "Unable to import `torchao` Tensor objects". transformers and
   diffusers import torchao whenever it is installed, so without these filters every unquantised
   run would print them; a quantised run that needs a missing kernel still fails loudly.
+* While a standard LoRA loads: :func:`quiet_lora_loading` (below, with its reasons).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from functools import cache
 
 _TORCHVISION_FALLBACK = re.compile(
@@ -79,3 +82,31 @@ def install() -> None:
     """Add the filters to their loggers (once per process)."""
     for name, predicate in _RULES.items():
         logging.getLogger(name).addFilter(_Drop(predicate))
+
+
+# While a standard FLUX LoRA loads (MusarLoraLoaderMixin.load_lora_weights), two messages say
+# nothing is wrong:
+# * diffusers, "No LoRA keys associated to CLIPTextModel found with the prefix='text_encoder'":
+#   FLUX LoRAs adapt the transformer; a file without text-encoder keys is the normal case (a LoRA
+#   *with* them still loads them, and a LoRA with no keys at all fails on the transformer).
+# * peft, "Already found a `peft_config` attribute in the model": a second adapter on one model is
+#   what stacking LoRAs means (diffusers adds every adapter this way).
+# Only during that call, so the same messages from the user's own peft code still show.
+_NO_TEXT_ENCODER_KEYS = re.compile(r"No LoRA keys associated to CLIPTextModel found with the prefix='text_encoder'")
+_LORA_LOGGERS = ("diffusers.loaders.lora_base", "diffusers.loaders.peft", "diffusers.loaders.lora_pipeline")
+
+
+@contextlib.contextmanager
+def quiet_lora_loading() -> Iterator[None]:
+    drop = _Drop(lambda r: bool(_NO_TEXT_ENCODER_KEYS.match(r.getMessage())))
+    loggers = [logging.getLogger(name) for name in _LORA_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(drop)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Already found a `peft_config` attribute in the model",
+                                    category=UserWarning)
+            yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(drop)
