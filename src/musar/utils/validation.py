@@ -20,6 +20,7 @@ import argparse
 import math
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -249,9 +250,15 @@ def check_output_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
     for p in paths:
         path = as_path(p, "output")
         with path_errors("output path", path):
-            if path.is_dir():
+            # One stat, judged once: another writer may replace the file between two separate
+            # checks (exists, then is_file), and a path that vanished in between is not wrong.
+            try:
+                mode: int | None = path.stat().st_mode
+            except FileNotFoundError:
+                mode = None
+            if mode is not None and stat.S_ISDIR(mode):
                 raise MusarError(f"output path is a folder: {shown(path)}")
-            if path.exists() and not path.is_file():
+            if mode is not None and not stat.S_ISREG(mode):
                 raise MusarError(f"output path is not a regular file: {shown(path)}")
             _probe_folder(path.parent, path)
         checked.append(path)
