@@ -18,9 +18,11 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# One pytest worker per core, at most 4 (pytest-xdist): most tests run one CPU thread each, so two
+# workers on CI's 2 cores take the suite from ~9 to ~5.5 minutes. Tests never share a folder or port.
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses 4
 
 # Every dependency at its floor from pyproject.toml, in a throwaway venv (.venv-min/, reused while
 # the pins are unchanged) that borrows this venv's torch: imports, tiny + toy generation, a stacked

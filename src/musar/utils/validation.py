@@ -254,7 +254,7 @@ def check_output_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
             # checks (exists, then is_file), and a path that vanished in between is not wrong.
             try:
                 mode: int | None = path.stat().st_mode
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):  # absent, or under a file: the probe says which
                 mode = None
             if mode is not None and stat.S_ISDIR(mode):
                 raise MusarError(f"output path is a folder: {shown(path)}")
