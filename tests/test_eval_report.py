@@ -39,3 +39,26 @@ def test_degenerate_metric_values_are_missing_not_nan(tmp_path: Path, bad: float
     assert [c["dino"] for c in cells] == ["0.500000", "", "0.700000"]
     assert {c["clip_i"] for c in cells} == {""} and cells[1]["dino_per_subject"] == ""
     assert "| fake | 0.600 ± " in (tmp_path / "table.md").read_text() and "nan" not in (tmp_path / "table.md").read_text()
+
+
+def test_a_full_disk_mid_report_changes_none_of_its_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from musar.utils import io as musar_io
+
+    rows = [ImageRow("a", seed=0, dino=0.5, clip_i=0.6, clip_t=30.0, dino_per_subject=(0.5,), clip_i_per_subject=(0.6,))]
+    write_report(tmp_path, rows, {"model": "fake", "guidance": 3.5})
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    real, calls = musar_io.finish_file, []
+
+    def full_on_the_third(path: Path) -> None:  # cases.csv and summary.json staged, table.md fails
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path)
+
+    monkeypatch.setattr(musar_io, "finish_file", full_on_the_third)
+    more = [*rows, ImageRow("b", seed=0, dino=0.9, clip_i=0.9, clip_t=31.0, dino_per_subject=(0.9,), clip_i_per_subject=(0.9,))]
+    with pytest.raises(OSError):
+        write_report(tmp_path, more, {"model": "fake", "guidance": 3.5})
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no file changed, no temporary left

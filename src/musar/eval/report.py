@@ -30,7 +30,12 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageOps
 
 from musar.errors import MusarError
-from musar.utils.io import atomic_write, atomic_write_json, atomic_write_text
+from musar.utils.io import (
+    atomic_write,
+    json_writer,
+    text_writer,
+    write_unit,
+)
 from musar.utils.safe_load import as_path, read_json
 
 CASES_COLUMNS: tuple[str, ...] = (
@@ -93,14 +98,14 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def write_cases_csv(path: Path, rows: Sequence[ImageRow]) -> None:
+def cases_csv(rows: Sequence[ImageRow]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(CASES_COLUMNS)
     for row in rows:
         d = asdict(row)
         writer.writerow([_cell(d[c]) for c in CASES_COLUMNS])
-    atomic_write_text(path, buf.getvalue())
+    return buf.getvalue()
 
 
 def _stats(case_means: list[float], n_images: int) -> dict[str, Any]:
@@ -207,11 +212,12 @@ def render_run_table(summary: dict[str, Any]) -> str:
 
 
 def write_report(out_dir: Path, rows: Sequence[ImageRow], settings: dict[str, Any]) -> dict[str, Any]:
-    """Write cases.csv, summary.json and table.md; return the summary."""
+    """Write cases.csv, summary.json and table.md as one unit (a full disk changes none of them, so
+    the three never describe different runs); return the summary."""
     summary = summarize(rows, settings)
-    write_cases_csv(out_dir / "cases.csv", rows)
-    atomic_write_json(out_dir / "summary.json", summary, strict=True)
-    atomic_write_text(out_dir / "table.md", render_run_table(summary))
+    write_unit({out_dir / "cases.csv": text_writer(cases_csv(rows)),
+                out_dir / "summary.json": json_writer(summary, strict=True),
+                out_dir / "table.md": text_writer(render_run_table(summary))})
     return summary
 
 
