@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from musar.errors import MusarError
 
@@ -124,12 +124,12 @@ def _from_pretrained(loader: Any, spec: str, what: str, **kwargs: Any) -> Any:
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """An RGB image with its EXIF orientation applied; unreadable files are a MusarError."""
-    try:
-        with Image.open(path) as im:
-            return ImageOps.exif_transpose(im).convert("RGB")
-    except OSError as e:
-        raise MusarError(f"cannot read image {path}: {e}") from None
+    """An RGB image with its EXIF orientation applied, read by the one defensive image reader
+    (regular file, pixel limit, malformed EXIF tolerated); unreadable files are a MusarError.
+    Transparency is dropped as ``convert("RGB")`` drops it, as the metric models were scored."""
+    from musar.utils.images import exif_transpose, open_image
+
+    return exif_transpose(open_image(path)).convert("RGB")
 
 
 class Metrics:

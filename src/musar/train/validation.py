@@ -19,6 +19,7 @@ from PIL import Image
 from musar.errors import MusarError
 from musar.train.config import ValidationConfig
 from musar.train.objective import quiet_truncation
+from musar.utils.images import open_rgb
 from musar.utils.io import atomic_path, atomic_write_json
 
 
@@ -39,9 +40,6 @@ def _fit_height(image: Image.Image, height: int) -> Image.Image:
     return image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
 
 
-def _open_rgb(path: str) -> Image.Image:
-    with Image.open(path) as im:
-        return im.convert("RGB")
 
 
 def make_grid(rows: list[list[Image.Image]], height: int, gap: int = 4) -> Image.Image:
@@ -89,7 +87,7 @@ def render_validation(pipe: object, cfg: ValidationConfig, condition_size: int, 
                 condition_size=condition_size,
                 progress=False,
             )
-            refs = [_open_rgb(path) for path, _ in item.subjects]
+            refs = [open_rgb(path) for path, _ in item.subjects]
             rows.append([*refs, out.images[0]])
     return make_grid(rows, height=min(cfg.height, 512))
 
