@@ -19,6 +19,7 @@ TINY_NOTICE = "musar: preset 'tiny' has RANDOM weights: the image is noise, for 
 
 
 def _stderr_lines(source: list[str], out: Path) -> list[str]:
+    """MUSAR's and the libraries' stderr lines of one 1-step 64 px generation (progress bars removed)."""
     cmd = [
         sys.executable, "-m", "musar.cli", "generate", *source,
         "--prompt", "a photo of a corgi and a red backpack on a beach",
@@ -31,6 +32,14 @@ def _stderr_lines(source: list[str], out: Path) -> list[str]:
     assert out.is_file()
     pieces = re.split(r"[\r\n]+", ANSI.sub("", done.stderr))
     return [p.strip() for p in pieces if p.strip() and "%|" not in p]
+
+
+def test_int8wo_generation_prints_no_warning(tmp_path: Path) -> None:
+    # The README's quantised run on CPU (float32): diffusers' "only bfloat16 is supported" line
+    # is wrong for weight-only int8 and is dropped; nothing else may appear.
+    pytest.importorskip("torchao", reason="--quantize int8wo needs the quant extra (torchao)")
+    lines = _stderr_lines(["--preset", "tiny", "--quantize", "int8wo", "--dtype", "fp32"], tmp_path / "out.png")
+    assert lines == [TINY_NOTICE]
 
 
 @pytest.mark.parametrize(("preset", "expected"), [("tiny", [TINY_NOTICE]), ("toy", [])])
@@ -64,6 +73,12 @@ def test_filters_drop_only_the_known_messages() -> None:
             ("`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil` ...", False),
             ("`VideoMAEImageProcessor` requires torchvision (not installed); falling back to `X` ...", True),
             ("something else entirely", True),
+        ],
+        "diffusers.quantizers.torchao.torchao_quantizer": [
+            ("You are trying to set torch_dtype to torch.float32 for integer quantization, but only bfloat16 "
+             "is supported right now. Please set `torch_dtype=torch.bfloat16`.", False),
+            ("You are trying to set torch_dtype to torch.float16 for integer quantization, but only bfloat16 "
+             "is supported right now. Please set `torch_dtype=torch.bfloat16`.", True),
         ],
         "diffusers.pipelines.pipeline_utils": [
             ("Expected types for vae: (<class 'AutoencoderKL'>,), got <class 'musar.toy.codec.ToyCodec'>.", False),

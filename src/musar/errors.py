@@ -42,7 +42,7 @@ _CACHE_CURE = ("download it where the hub is reachable (`huggingface-cli downloa
                "login` and accepting its licence if it is gated) or give a local model folder")
 
 
-def hub_failure(exc: BaseException) -> str | None:
+def hub_failure(exc: BaseException, repo: str | None = None) -> str | None:
     """One line for a model the hub cannot give us: gated, unknown, or not cached while offline.
 
     huggingface_hub raises these from any ``from_pretrained``; diffusers and transformers rewrap
@@ -50,7 +50,7 @@ def hub_failure(exc: BaseException) -> str | None:
     says the cure, so both forms are read here, in one place, for every command.
     """
     hub = sys.modules.get("huggingface_hub.errors")
-    repo = getattr(exc, "repo_id", None) or "the model"
+    repo = repo or getattr(exc, "repo_id", None) or "the model"
     if hub is not None:
         if isinstance(exc, getattr(hub, "GatedRepoError", ())):
             return (f"{repo} is gated: log in with `huggingface-cli login` and accept its licence on its hub "

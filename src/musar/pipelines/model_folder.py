@@ -87,25 +87,64 @@ def check_model_folder(folder: str | os.PathLike[str], resolve_classes: bool = T
             check_component_config(config, key)
 
 
-def check_hub_model(spec: str) -> None:
-    """Offline (``HF_HUB_OFFLINE=1``), a hub id must already be in the local cache: say so at once
-    and name the cure, instead of diffusers' "does not appear to have a file named config.json"
-    after it has tried every component."""
+def check_hub_model(spec: str, timeout: float = 10.0) -> None:
+    """A hub id that is not in the local cache: find out at once whether the hub will give it.
+
+    Offline (``HF_HUB_OFFLINE=1``) that is a refusal naming the cure. Online, one request for its
+    ``model_index.json`` (no retries) tells an unreachable hub, a gated or unknown repo and a repo
+    that is not a diffusers pipeline apart in well under a second, where diffusers' download would
+    print retry warnings for ~35 s and end on "does not appear to have a file named config.json".
+    """
     from huggingface_hub import constants, try_to_load_from_cache
 
-    if not constants.HF_HUB_OFFLINE:
-        return
     repo, _, revision = spec.partition("@")
     try:
         cached = try_to_load_from_cache(repo, "model_index.json", revision=revision or None)
     except ValueError:  # not a valid repo id: the caller's own id check words that
         return
-    if not isinstance(cached, str):
+    if isinstance(cached, str):
+        return
+    if constants.HF_HUB_OFFLINE:
         raise MusarError(
             f"{spec} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading it; "
             f"download it where the hub is reachable (`huggingface-cli download {repo}`, after `huggingface-cli "
             "login` and accepting its licence if it is gated) or give a local model folder"
         )
+    _probe_hub(spec, repo, revision or None, timeout)
+
+
+def _probe_hub(spec: str, repo: str, revision: str | None, timeout: float) -> None:
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RevisionNotFoundError
+
+    from musar.errors import hub_failure
+
+    try:
+        get_hf_file_metadata(hf_hub_url(repo, "model_index.json", revision=revision), timeout=timeout)
+    except RevisionNotFoundError:
+        raise MusarError(f"{spec}: the hub has no revision {revision!r} of {repo}") from None
+    except EntryNotFoundError:
+        raise MusarError(f"{spec} has no model_index.json on the hub: it is not a diffusers pipeline "
+                         "(MUSAR needs a FLUX.1 pipeline repo such as black-forest-labs/FLUX.1-dev)") from None
+    except HfHubHTTPError as exc:
+        line = hub_failure(exc, repo=spec)
+        if line is not None:  # gated, unknown or private
+            raise MusarError(line) from None
+        # any other answer (rate limit, a 5xx) may pass: diffusers' download retries those itself
+    except Exception as exc:
+        # Only the HTTP client's transport errors (httpx, requests, urllib3, sockets) mean "the hub
+        # cannot be reached"; anything else is a bug and keeps its traceback.
+        if not (isinstance(exc, OSError) or type(exc).__module__.split(".")[0] in _TRANSPORT_MODULES):
+            raise
+        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise MusarError(
+            f"{spec} is not in the local Hugging Face cache and the hub cannot be reached ({reason}); connect "
+            f"and run again, download it elsewhere (`huggingface-cli download {repo}`) and copy the cache, or give a "
+            "local model folder (set HF_HUB_OFFLINE=1 to skip the hub entirely)"
+        ) from None
+
+
+_TRANSPORT_MODULES = frozenset({"httpx", "httpx2", "httpcore", "requests", "urllib3", "socket", "ssl"})
 
 
 def _is_empty(entry: Any) -> bool:
