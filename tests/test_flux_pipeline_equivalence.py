@@ -48,3 +48,19 @@ def test_flux_pipeline_gives_the_same_image_with_either_transformer(pair: tuple[
     assert images[0].shape == (1, 3, 64, 64)
     assert images[0].std() > 0, "a constant image would make the comparison meaningless"
     assert torch.equal(images[0], images[1])
+
+
+def test_musar_text_to_image_is_the_flux_pipeline_on_flux_weights(pair: tuple[FluxPipeline, FluxPipeline]) -> None:
+    # MusarPipeline.text_to_image (the toy's text-only sampler) against FluxPipeline with
+    # diffusers' own transformer, batched, one generator per image.
+    from musar.pipelines.pipeline_musar import MusarPipeline
+
+    ours, theirs = pair
+    musar = MusarPipeline(**ours.components)
+    kwargs = {"prompt": ["a red dog", "a blue cat on a sofa"], "height": 64, "width": 64, "num_inference_steps": 3,
+              "max_sequence_length": 32, "output_type": "pt"}
+    with torch.no_grad():
+        a = musar.text_to_image(**kwargs, progress=False, generator=[torch.Generator().manual_seed(s) for s in (1, 2)])
+        b = theirs(**kwargs, generator=[torch.Generator().manual_seed(s) for s in (1, 2)])
+    assert a.images.shape == (2, 3, 64, 64) and a.images.std() > 0
+    assert torch.equal(a.images, b.images)

@@ -31,7 +31,7 @@ ANSWERS = {
 
 
 class FakeHub(BaseHTTPRequestHandler):
-    def do_HEAD(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_HEAD(self) -> None:  # http.server dispatches on this name
         repo = "/".join(self.path.strip("/").split("/")[:2])
         status, code = ANSWERS.get(repo, (404, "RepoNotFound"))
         self.send_response(status)

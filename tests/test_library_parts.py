@@ -14,7 +14,7 @@ from PIL import Image
 
 from musar.toy.pretrain import PretrainConfig, lr_schedule, weight_average
 from musar.toy.report import _grid
-from musar.train.objective import TextCache
+from musar.train.encoding import TextCache
 
 
 class _Pipe:

@@ -135,6 +135,12 @@ def test_shortened_end_to_end(tmp_path: Path) -> None:
     assert json.loads((out / "musar" / "full_seed1" / "wall.json").read_text())["overrides"].count("seed=1") == 1
     assert saved["given_routes"]["rates"]["routing_all"][0] == 1.0  # boxes from the true layout route every token right
     assert json.loads((out / "musar" / "full" / "wall.json").read_text())["steps"] == 4
+    # A report of rows without two subjects has no two-subject grid (it once failed looking for one).
+    from musar.toy.report import run_report
+
+    three = run_report(out, rows=["three"], cases=2, seeds=(0,), report_dir=tmp_path / "three", base_gates=False,
+                       log=lambda _: None)
+    assert set(three) == {"three"} and not (tmp_path / "three" / "grid.png").exists()
     # A second call finds every stage done and redoes none of them.
     assert run_chain(out, "configs/toy_base.yaml", "configs/toy_musar.yaml") == walls
     assert "done before, skipped" in (out / "chain.log").read_text()

@@ -39,6 +39,17 @@ class Timing:
     peak_mib: float | None  # peak allocated during the timed calls (CUDA only)
     extra_mib: float | None  # of which above what was allocated before them
 
+    def spread(self) -> dict[str, Any]:
+        return spread(self.ms_all)
+
+
+def spread(times: list[float], unit: str = "ms") -> dict[str, Any]:
+    """Median plus what it hides: one slow call (a late compile, a busy neighbour) moves min-max
+    and not the median, so a reader can tell a steady number from a lucky one."""
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else (times[0],) * 3
+    return {unit: statistics.median(times), f"{unit}_min": min(times), f"{unit}_max": max(times),
+            f"{unit}_iqr": q3 - q1, "n": len(times), f"{unit}_all": list(times)}
+
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
@@ -98,11 +109,13 @@ def attention_bench(
     q, k, v = (torch.randn(1, heads, layout.total, head_dim, generator=g).to(device, dtype) for _ in range(3))
     spans = default_spans(max(1, layout.num_conditions), 1, layout.prompt).to(device)
     ms: dict[str, float] = {}
+    spreads: dict[str, dict[str, Any]] = {}
     errors: dict[str, str] = {}
 
     def measure(name: str, fn: Callable[[], Any]) -> None:
         try:
-            ms[name] = time_call(fn, device, warmup=warmup, repeats=repeats).ms
+            t = time_call(fn, device, warmup=warmup, repeats=repeats)
+            ms[name], spreads[name] = t.ms, t.spread()
         except Exception as e:  # a kernel this machine lacks is a result, not a failure
             errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
 
@@ -134,8 +147,11 @@ def attention_bench(
                 measure("affinity", lambda: ctx.layer(0).compute_routes(q, k, q_map, q_map))
             routes = ctx.layer(0).compute_routes(q, k, q_map, q_map)
             statics = flex_statics(q_map, q_map, device=device)
-            measure("flex_block_mask", lambda: flex_plan(statics, routes, 1, backward=False))
-            result.update(block_stats(statics, flex_plan(statics, routes, 1, backward=False)))
+            stats = block_stats(statics, flex_plan(statics, routes, 1, backward=False))
+            result["kept_fraction"] = stats["kept_fraction"]  # a property of the routes, whatever the backend
+            if "flex" in backends:  # the block mask and its tiles cost or mean something only to flex
+                measure("flex_block_mask", lambda: flex_plan(statics, routes, 1, backward=False))
+                result.update(stats)
             _measure_cached(layout, q, k, v, routes, backends, measure)
             if routes is not None:
                 counts = torch.bincount(routes.flatten(), minlength=layout.num_conditions)
@@ -148,6 +164,7 @@ def attention_bench(
             n: t / unmasked_ms[fastest] for n, t in ms.items() if n.startswith(("routed_", "affinity", "flex_"))
         }
     result["ms"] = ms
+    result["spread"] = spreads
     result["errors"] = errors
     result["auto_backend"] = resolve_backend("auto", device)
     return result

@@ -148,9 +148,16 @@ def forward_bench(
     return rows, routes
 
 
+def planned_rows(s: Settings) -> list[tuple[int, str]]:
+    """``(c, mode)`` of every row :func:`forward_bench` measures: ``plain`` is the c = 0 row and
+    c = 0 has no other (nothing to concatenate or route), so no row stands for a mode that did not run."""
+    order = [m for m in s.modes if m != "cached"] + [m for m in s.modes if m == "cached"]  # cached reuses a build
+    return [(c, m) for c in s.refs for m in order if (m == "plain") == (c == 0)]
+
+
 def _timed_row(c: int, mode: str, fn: Callable[[], Any], s: Settings, **extra: Any) -> dict[str, Any]:
     t = time_call(fn, s.device, warmup=s.warmup, repeats=s.repeats)
-    return {"c": c, "mode": mode, "ms": t.ms, "ms_all": t.ms_all, "peak_mib": t.peak_mib, "extra_mib": t.extra_mib, **extra}
+    return {"c": c, "mode": mode, **t.spread(), "peak_mib": t.peak_mib, "extra_mib": t.extra_mib, **extra}
 
 
 def _cached_rows(

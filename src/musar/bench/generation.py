@@ -166,7 +166,7 @@ def quantized_row(
     with torch.no_grad():
         t = time_call(lambda: model(**base, conditions=cond, routing=RoutingOptions(), return_dict=False),
                       device, warmup=settings.warmup, repeats=settings.repeats)
-    row.update(forward_ms=t.ms, forward_ms_all=t.ms_all, forward_peak_gib=_gib(t.peak_mib and t.peak_mib * 2**20))
+    row.update({f"forward_{k}": v for k, v in t.spread().items()}, forward_peak_gib=_gib(t.peak_mib and t.peak_mib * 2**20))
     row["generate"] = timed_generation(pipe, device, settings.height, settings.width, settings.cond_size, steps)
     row["status"] = "ok"
     return row  # the caller releases the memory once this frame (and the pipeline) is gone

@@ -53,7 +53,7 @@ class SuiteSize:
 
 SIZES: dict[str, SuiteSize] = {
     "full": SuiteSize("full", "cuda", "flux-dev-random", (0, 1, 2, 3, 4), 1024, 1024, 512, 512, 32,
-                      3, 1, 10, 3, "flux-dev", 3, 1, "flash", 28, 2, ("nf4", "int8wo", "fp8wo", "gguf")),
+                      3, 1, 10, 3, "flux-dev-random", 3, 1, "flash", 28, 2, ("nf4", "int8wo", "fp8wo", "gguf")),
     "tiny": SuiteSize("tiny", "cpu", "tiny", (0, 2), 64, 64, 32, 16, 4,
                       1, 0, 1, 0, "tiny", 1, 0, "flash", 2, 1, ("none", "nf4", "int8wo", "fp8wo", "gguf")),
 }

@@ -56,26 +56,33 @@ def format_report(out: Path) -> str:
     return "\n".join(lines)
 
 
+def _spread(sp: dict[str, Any], spec: str, unit: str = "ms") -> list[str]:
+    """min, max and n beside every median (files from before they were recorded show '-')."""
+    return [_f(sp.get(f"{unit}_min"), spec), _f(sp.get(f"{unit}_max"), spec), _f(sp.get("n"), "d")]
+
+
 def _forward(res: dict[str, Any]) -> list[str]:
-    return _table(["c", "mode", "ms", "x plain", "x naive", "peak MiB"],
-                  [[str(r["c"]), r["mode"], _f(r["ms"]), _f(r.get("ratio_vs_plain")), _f(r.get("ratio_vs_naive")),
-                    _f(r.get("peak_mib"), ".0f")] for r in res.get("forward", [])])
+    return _table(["c", "mode", "median ms", "min", "max", "n", "x plain", "x naive", "peak MiB"],
+                  [[str(r["c"]), r["mode"], _f(r["ms"]), *_spread(r, ".2f"), _f(r.get("ratio_vs_plain")),
+                    _f(r.get("ratio_vs_naive")), _f(r.get("peak_mib"), ".0f")] for r in res.get("forward", [])])
 
 
 def _attention(res: dict[str, Any]) -> list[str]:
     rows = []
     for a in res.get("attention", []):
-        ratios = a.get("ratio_vs_fastest_unmasked", {})
+        base = a.get("ms", {}).get(a.get("fastest_unmasked", ""))  # as musar bench prints it: every call, not only routed
         for name, ms in a.get("ms", {}).items():
-            rows.append([str(a["c"]), str(a["L"]), name, _f(ms, ".3f"), _f(ratios.get(name)), _f(a.get("kept_fraction"), ".1%")])
-        rows += [[str(a["c"]), str(a["L"]), name, "unavailable", err[:60], ""] for name, err in a.get("errors", {}).items()]
-    return _table(["c", "L", "call", "ms", "x fastest unmasked", "kept"], rows)
+            rows.append([str(a["c"]), str(a["L"]), name, _f(ms, ".3f"), *_spread(a.get("spread", {}).get(name, {}), ".3f"),
+                         _f(ms / base if base else None), _f(a.get("kept_fraction"), ".1%")])
+        rows += [[str(a["c"]), str(a["L"]), name, "unavailable", "", "", "", err[:60], ""]
+                 for name, err in a.get("errors", {}).items()]
+    return _table(["c", "L", "call", "median ms", "min", "max", "n", "x fastest unmasked", "kept"], rows)
 
 
 def _train(res: dict[str, Any]) -> list[str]:
-    return _table(["variant", "s/step", "peak GiB", "MFU", "loss"],
-                  [[r["variant"], _f(r["s_per_step"], ".3f"), _f(r.get("peak_gib")), _f(r.get("mfu"), ".1%"), _f(r.get("loss"), ".4f")]
-                   for r in res.get("rows", [])])
+    return _table(["variant", "median s/step", "min", "max", "n", "peak GiB", "MFU", "loss"],
+                  [[r["variant"], _f(r["s_per_step"], ".3f"), *_spread(r, ".3f", "s"), _f(r.get("peak_gib")),
+                    _f(r.get("mfu"), ".1%"), _f(r.get("loss"), ".4f")] for r in res.get("rows", [])])
 
 
 def _generate(res: dict[str, Any]) -> list[str]:
@@ -95,13 +102,15 @@ def _quantization(res: dict[str, Any], bf16_ms: float | None) -> list[str]:
     rows = []
     for m in modes:
         if m.get("status") != "ok":
-            rows.append([m["mode"], m.get("status", "-"), (m.get("reason") or m.get("error") or "")[:80], "", "", "", "", ""])
+            rows.append([m["mode"], m.get("status", "-"), (m.get("reason") or m.get("error") or "")[:80], "", "", "", "", "", ""])
             continue
         w, g = m["weights_gib"], m["generate"]
         ratio = m["forward_ms"] / base_ms if base_ms else None
-        rows.append([m["mode"], "ok", _f(w["transformer"], ".3g"), _f(w["text_encoder_2"], ".3g"), _f(m["forward_ms"], ".1f"), _f(ratio),
-                     _f(g.get("peak_gb")), _f(m.get("load_s"), ".0f")])
-    return _table(["mode", "status", "transformer GiB", "T5 GiB", "forward ms (c = 2)", "x bf16", "pipeline peak GB", "load s"], rows)
+        span = f"{_f(m.get('forward_ms_min'), '.1f')}-{_f(m.get('forward_ms_max'), '.1f')} (n = {m.get('forward_n', '-')})"
+        rows.append([m["mode"], "ok", _f(w["transformer"], ".3g"), _f(w["text_encoder_2"], ".3g"), _f(m["forward_ms"], ".1f"), span,
+                     _f(ratio), _f(g.get("peak_gb")), _f(m.get("load_s"), ".0f")])
+    return _table(["mode", "status", "transformer GiB", "T5 GiB", "forward ms (c = 2)", "min-max", "x bf16", "pipeline peak GB",
+                   "load s"], rows)
 
 
 def _pytest(res: dict[str, Any]) -> list[str]:

@@ -1,8 +1,8 @@
 """What ``musar bench`` measures: model presets and the settings of one run (no torch at import).
 
 ``flux-dev-random`` is the FLUX.1-dev architecture with random weights (speed does not depend on
-trained weights); ``tiny`` is a seconds-long CPU smoke test. :mod:`musar.bench.train_step` and
-the GPU suite reuse these configs.
+trained weights); ``tiny`` is a seconds-long CPU smoke test, the same name as ``musar generate``'s
+tiny preset. :mod:`musar.bench.train_step` and the GPU suite take the same two names.
 """
 
 from __future__ import annotations
@@ -49,6 +49,15 @@ PRESETS: dict[str, BenchPreset] = {
     "flux-dev-random": BenchPreset(FLUX_DEV_CONFIG, "bf16", "cuda", 1024, 1024, 512, 512, 32, (0, 1, 2, 3, 4), 10, 3),
     "tiny": BenchPreset(TINY_CONFIG, "fp32", "cpu", 128, 128, 64, 16, 4, (0, 1, 2), 3, 1),
 }
+# Spellings the bench commands once took; kept only to say the new name in argparse's one-line error.
+RENAMED_PRESETS = {"flux-dev": "flux-dev-random"}
+
+
+def preset_name(text: str) -> str:
+    """argparse ``type=`` of every bench ``--preset``: an old name says what it became."""
+    if text in RENAMED_PRESETS:
+        raise argparse.ArgumentTypeError(f"preset {text!r} is now called {RENAMED_PRESETS[text]!r}")
+    return text
 
 
 @dataclass

@@ -81,3 +81,23 @@ def judge(values: Mapping[str, float | None], cuda: bool) -> dict[str, Any]:
     if not cuda:
         out["note"] = "CPU run: the targets are for a GPU in bf16 and are not judged here"
     return out
+
+
+def format_targets(targets: Mapping[str, Any], cuda: bool) -> list[str]:
+    """One line per measured target, in the words every bench command uses; the targets this run
+    could not measure (a c or a mode it did not run, memory on a CPU) are named once, not as rows."""
+    unjudged = "not judged" if cuda else "not judged on CPU"
+    lines, missing = [], []
+    for name, t in targets.items():
+        if name == "note":
+            continue
+        if t["value"] is None:
+            missing.append(name)
+            continue
+        verdict = {True: "met", False: "MISSED", None: unjudged}[t["met"]]
+        lines.append(f"target {name:<42} {t['value']:>7.3f} (limit {t['limit']})  {verdict}")
+    if missing:
+        lines.append("not measured in this run: " + ", ".join(missing))
+    if "note" in targets:
+        lines.append(targets["note"])
+    return lines

@@ -164,6 +164,13 @@ class MusarPipeline(MusarLoraLoaderMixin, FluxPipeline):
         # FLUX encodes text padded to a fixed length without an attention mask; phrases the same.
         return [self._get_t5_prompt_embeds(prompt=p, max_sequence_length=length, device=device) for p in phrases]
 
+    def text_to_image(self, prompt: str | list[str] | None = None, progress: bool = True, **kwargs: Any) -> Any:
+        """No references: diffusers' own ``FluxPipeline.__call__`` on these components (its
+        arguments, its output), so MUSAR's text-to-image *is* FLUX's; ``progress=False`` hides the
+        step bar."""
+        self.set_progress_bar_config(disable=not progress)
+        return FluxPipeline.__call__(self, prompt=prompt, **kwargs)
+
     @torch.no_grad()
     def __call__(  # type: ignore[override]
         self,

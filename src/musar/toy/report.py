@@ -150,8 +150,8 @@ def run_report(
     atomic_write_text(dest / "report.md", render_markdown(results, cases, seeds))
     atomic_write_json(dest / "report.json", results)  # last: the chain takes report.json as 'done'
     two = [r.name for r in chosen if r.subjects == 2 and r.name in samples]
-    grid_rows = [c.reference_images() + [samples[n][i] for n in two] for i, c in enumerate(case_sets[2][:8])]
-    if two:
+    if two:  # the grid shows two-subject rows only; a report of other rows has none
+        grid_rows = [c.reference_images() + [samples[n][i] for n in two] for i, c in enumerate(case_sets[2][:8])]
         _grid(grid_rows).save(dest / "grid.png")
         atomic_write_text(dest / "grid.txt", "columns: reference A, reference B, " + ", ".join(two) + "\n"
                           + "\n".join(f"row {c.index}: {c.prompt}" for c in case_sets[2][:8]) + "\n")

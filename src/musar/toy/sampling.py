@@ -137,11 +137,6 @@ def remove_tap(transformer: torch.nn.Module) -> None:
             block.attn.set_processor(MusarAttnProcessor().keeping_backend_of(proc))
 
 
-def decode(pipe: MusarPipeline, latents: torch.Tensor, height: int, width: int) -> list[Image.Image]:
-    return pipe.image_processor.postprocess(pipe.decode_image_latents(latents, height, width), output_type="pil")
-
-
-@torch.no_grad()
 def sample_text_only(
     pipe: MusarPipeline,
     prompts: Sequence[str],
@@ -155,7 +150,8 @@ def sample_text_only(
     tap: AffinityTap | None = None,
     spans: torch.Tensor | None = None,
 ) -> list[Image.Image]:
-    """One image per (prompt, seed), the base alone (no references), in batches of ``batch``.
+    """One image per (prompt, seed), the base alone (no references), in batches of ``batch``:
+    :meth:`MusarPipeline.text_to_image`, i.e. diffusers' own FLUX sampler.
 
     Each image's starting noise comes from its own seed, so an image does not depend on the
     batch it was drawn in. ``pooled_prompts``: take the pooled vector from these prompts instead
@@ -164,28 +160,29 @@ def sample_text_only(
     """
     if len(prompts) != len(seeds):
         raise ValueError("one seed per prompt")
+
+    def next_step(_pipe: object, i: int, _t: object, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if tap is not None:  # the tap labels what it records with the step of the coming forward
+            tap.step = i + 1
+        return tensors
+
     out: list[Image.Image] = []
     for start in range(0, len(prompts), batch):
         chunk = list(prompts[start : start + batch])
-        embeds, pooled, text_ids = pipe.encode_prompt(prompt=chunk, prompt_2=None, device="cpu", max_sequence_length=length)
+        text: dict[str, object] = {"prompt": chunk}
         if pooled_prompts is not None:
+            embeds = pipe.encode_prompt(prompt=chunk, prompt_2=None, device="cpu", max_sequence_length=length)[0]
             other = list(pooled_prompts[start : start + batch])
             pooled = pipe.encode_prompt(prompt=other, prompt_2=None, device="cpu", max_sequence_length=length)[1]
+            text = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
         if tap is not None:
-            tap.records = {}
+            tap.records, tap.step = {}, 0
             tap.spans = None if spans is None else spans[start : start + batch]
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds[start : start + batch]]
-        latents, ids = pipe.prepare_latents(len(chunk), pipe.transformer.config.in_channels // 4, height, width,
-                                            embeds.dtype, "cpu", gens)
-        pipe.scheduler.set_begin_index(0)
-        for i, t in enumerate(pipe.flow_timesteps(steps, latents.shape[1], "cpu")):
-            if tap is not None:
-                tap.step = i
-            v = pipe.transformer(hidden_states=latents, encoder_hidden_states=embeds, pooled_projections=pooled,
-                                 timestep=(t / 1000).expand(len(chunk)), img_ids=ids, txt_ids=text_ids,
-                                 step_index=i).sample
-            latents = pipe.scheduler.step(v, t, latents, return_dict=False)[0]
-        out.extend(decode(pipe, latents, height, width))
+        out.extend(pipe.text_to_image(
+            **text, height=height, width=width, num_inference_steps=steps, generator=gens,
+            max_sequence_length=length, progress=False, callback_on_step_end=next_step,
+        ).images)
         if tap is not None:
             tap.flush()
     return out

@@ -176,6 +176,8 @@ class TrainConfig:
                 LORA_ALPHA.check(alpha, f"config {key}")
         if self.optim.lr <= 0:
             raise MusarError(f"config optim.lr must be > 0, got {self.optim.lr}")
+        if not 0 <= self.optim.min_lr_ratio <= 1:  # outside: a negative lr, or a "decay" that climbs
+            raise MusarError(f"config optim.min_lr_ratio must be in [0, 1], got {self.optim.min_lr_ratio}")
         for key, size in {"data.view_size": self.data.view_size, "data.condition_size": self.data.condition_size}.items():
             if size < 16 or size % 16:
                 raise MusarError(f"config {key} must be a positive multiple of 16, got {size}")

@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.tracking import GeneralTracker
 from accelerate.utils import DistributedType, parse_flag_from_env
 from torch import nn
 
@@ -51,7 +52,7 @@ from musar.train.config import TrainConfig
 FSDP_PREFIX = "_fsdp_wrapped_module."
 
 
-def make_accelerator(cfg: TrainConfig) -> Accelerator:
+def make_accelerator(cfg: TrainConfig, log_with: list[GeneralTracker] | None = None) -> Accelerator:
     cpu = cfg.model.device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU")
     mp = cfg.model.mixed_precision
     if mp == "auto":
@@ -63,7 +64,8 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     # loss); the scheduler is stepped per applied update, not per process (accelerate's default).
     try:
         accelerator = Accelerator(
-            mixed_precision=mp, cpu=cpu, gradient_accumulation_steps=1, step_scheduler_with_optimizer=False
+            mixed_precision=mp, cpu=cpu, gradient_accumulation_steps=1, step_scheduler_with_optimizer=False,
+            log_with=log_with or None,  # an empty list would make accelerate warn that no tracker is installed
         )
     except RuntimeError as e:  # accelerate's FSDP plugin on a machine without GPUs
         if backend is not None and "no available devices" in str(e):

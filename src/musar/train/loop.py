@@ -32,17 +32,14 @@ import torch
 from musar.data import Batch
 from musar.errors import MusarError
 from musar.train import checkpoint as ckpt
-from musar.train.config import TrainConfig, dump_config, to_dict
+from musar.train.config import TrainConfig, dump_config
 from musar.train.distributed import any_across, is_deepspeed, is_fsdp, mean_across
+from musar.train.encoding import encode_batch
 from musar.train.fingerprint import is_main_launch_process
-from musar.train.objective import draw_noise, encode_batch, flow_step_loss
-from musar.train.setup import (
-    Components,
-    build_components,
-    load_training_state,
-    save_training_state,
-    sdpa_context,
-)
+from musar.train.kernels import sdpa_context
+from musar.train.objective import draw_noise, flow_step_loss
+from musar.train.setup import Components, build_components
+from musar.train.state import load_training_state, save_training_state
 from musar.train.tracking import Tracker, truncate_metrics
 from musar.train.validation import check_validation, render_validation, write_grid
 from musar.utils import run_lock
@@ -256,7 +253,7 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             truncate_metrics(self.output_dir, self.state.step)
             atomic_write_text(self.output_dir / "config.yaml", dump_config(cfg))
-        self.tracker = Tracker(self.output_dir, cfg.report_to, to_dict(cfg), enabled=acc.is_main_process)
+        self.tracker = Tracker(self.output_dir, acc, cfg.report_to)
         losses: list[float] = []
         window: list[float] = []
         bar = tqdm(total=total, initial=min(self.state.step, total), desc="train", disable=not acc.is_main_process,

@@ -18,7 +18,7 @@ from PIL import Image
 
 from musar.errors import MusarError
 from musar.train.config import ValidationConfig
-from musar.train.objective import quiet_truncation
+from musar.train.encoding import quiet_truncation
 from musar.utils.images import open_rgb
 from musar.utils.io import atomic_path, atomic_write_json
 

@@ -146,13 +146,9 @@ def fit_square(image: Image.Image, size: int, fit: Fit = DEFAULT_CONDITION_FIT) 
     """Square ``size`` x ``size`` image: pad the short side (default) or centre-crop the long one."""
     if fit not in CONDITION_FITS:
         raise MusarError(f"unknown reference fit {fit!r}; expected {' or '.join(map(repr, CONDITION_FITS))}")
-    w, h = image.size
     if fit == "crop":
         return ImageOps.fit(image, (size, size), method=Image.Resampling.LANCZOS)
-    side = max(w, h)
-    canvas = Image.new("RGB", (side, side), PAD_COLOUR)
-    canvas.paste(image, ((side - w) // 2, (side - h) // 2))
-    return canvas.resize((size, size), Image.Resampling.LANCZOS)
+    return ImageOps.pad(image, (size, size), method=Image.Resampling.LANCZOS, color=PAD_COLOUR)
 
 
 def load_reference(
