@@ -1,7 +1,7 @@
 """`--help` answers: every option of every subcommand says what it does and what it defaults to.
 
 Uses the parser objects (musar.cli.build_parser), not subprocesses, except for the one check that
-`--help` imports no model stack. `musar toy` has its own owner and is left out.
+`--help` imports no model stack. Every subcommand is walked, `musar toy` included.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from musar.cli import SUBCOMMANDS, build_parser
 from musar.cli.args import available_cpus, default_threads, show_default, shows_default, torch_threads
 
-COMMANDS = [name for name in SUBCOMMANDS if name != "toy"]
+COMMANDS = list(SUBCOMMANDS)
 
 
 def _parsers(parser: argparse.ArgumentParser, prog: str) -> Iterator[tuple[str, argparse.ArgumentParser]]:

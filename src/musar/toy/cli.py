@@ -31,7 +31,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("toy", help="the toy world: pretrain, MUSAR-train, ablate, report, demo (CPU minutes)",
                        description="MUSAR in miniature on a procedural world measured exactly. See docs/toy.md.")
-    s = p.add_subparsers(dest="toy_command", required=True)
+    s = p.add_subparsers(dest="toy_command", required=True, metavar="STAGE",
+                         help="a stage of the chain (pretrain -> data -> train -> report -> ship), all of them, or the demo")
     from musar.toy.rows import ROWS
     from musar.toy.variants import DEFAULT_CONFIG, VARIANTS
 
@@ -65,7 +66,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     al.add_argument("--base-config", default=BASE_CONFIG, help=f"pretraining recipe (default {BASE_CONFIG})")
     al.add_argument("--jobs", type=int, default=2, help="variants trained side by side, one process each (default 2)")
     de = s.add_parser("demo", help="compose two toy references with the shipped weights; print the verdict")
-    de.add_argument("--out", default="outputs/toy_demo", metavar="DIR")
+    de.add_argument("--out", default="outputs/toy_demo", metavar="DIR",
+                    help="where the compositions, routing maps, verdicts and contact sheet go (default outputs/toy_demo)")
     de.add_argument("--seed", type=int, default=0, help="sampling seed of the fixed cases (default 0)")
     de.add_argument("--write-examples", action="store_true", help="(re)write examples/toy/ reference PNGs first")
     p.set_defaults(func=run)
