@@ -112,6 +112,15 @@ def _lora(w: Path, **kwargs: object) -> list[str]:
     return _gen(w, None, "--lora", _file(w, "l.safetensors", lora_bytes(**kwargs)))  # type: ignore[arg-type]
 
 
+def _gguf(w: Path, after_version: bytes) -> list[str]:
+    """``--quantize gguf:FILE`` of a GGUF v3 file whose header after the version is these bytes."""
+    return _gen(w, None, "--quantize", "gguf:" + _file(w, "t.gguf", b"GGUF" + struct.pack("<I", 3) + after_version))
+
+
+def _kv_head(key: bytes, kind: int) -> bytes:
+    return struct.pack("<Q", len(key)) + key + struct.pack("<I", kind)
+
+
 def _fifo(w: Path) -> str:
     os.mkfifo(w / "pipe.png")
     return str(w / "pipe.png")
@@ -204,6 +213,26 @@ CLI_ROWS: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("cases-huge-int", lambda w: _cases(w, b"[" + b"9" * 10_000 + b"]"), "not valid JSON"),
     ("summary-depth-bomb", lambda w: _summary(w, b'{"metrics": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"), "nests deeper"),
     ("summary-not-utf8", lambda w: _summary(w, b'{"metrics": {}, "label": "\xc3"}'), "is not UTF-8 text"),
+    # -- files judged against the model's config and tokenizer, before it loads ---------------------
+    ("lora-keys-of-another-model", lambda w: _lora(w), "does not match the model (preset tiny"),
+    ("gguf-tensor-count-huge", lambda w: _gguf(w, struct.pack("<QQ", 2**40, 0)), "declares 1,099,511,627,776 tensors"),
+    ("gguf-kv-count-huge", lambda w: _gguf(w, struct.pack("<QQ", 0, 2**63)), "metadata keys, more than 65,536"),
+    ("gguf-string-huge", lambda w: _gguf(w, struct.pack("<QQQ", 0, 1, 2**62)), "a string of 4,611,686,018,427,387,904"),
+    ("gguf-array-huge", lambda w: _gguf(w, struct.pack("<QQ", 0, 1) + _kv_head(b"k", 9) + struct.pack("<IQ", 0, 2**40)),
+     "an array of 1,099,511,627,776 items"),
+    ("gguf-array-past-end", lambda w: _gguf(w, struct.pack("<QQ", 0, 1) + _kv_head(b"k", 9) + struct.pack("<IQ", 4, 10**6)),
+     "past the end of the file"),
+    ("gguf-value-type", lambda w: _gguf(w, struct.pack("<QQ", 0, 1) + _kv_head(b"k", 99)), "unknown value type 99"),
+    ("gguf-dims", lambda w: _gguf(w, struct.pack("<QQ", 1, 0) + struct.pack("<Q", 1) + b"t" + struct.pack("<I", 9)),
+     "has 9 dimensions"),
+    ("gguf-tensor-type", lambda w: _gguf(w, struct.pack("<QQ", 1, 0) + struct.pack("<Q", 1) + b"t"
+                                         + struct.pack("<IQIQ", 1, 32, 999, 0)), "unknown GGML type 999"),
+    ("gguf-data-past-end", lambda w: _gguf(w, struct.pack("<QQ", 1, 0) + struct.pack("<Q", 1) + b"t"
+                                           + struct.pack("<IQIQ", 1, 2**40, 0, 0)), "is truncated"),
+    ("case-phrase-inside-a-word", lambda w: _cases(w, json.dumps([{"prompt": "a catalog", "subjects": [
+        {"image": _dog(w), "phrase": "cat"}]}]).encode()), "'cat' does not appear in the prompt 'a catalog' as whole words"),
+    ("case-phrase-past-the-token-limit", lambda w: _cases(w, json.dumps([{"prompt": "dog " * 600 + "a corgi", "subjects": [
+        {"image": _dog(w), "phrase": "a corgi"}]}]).encode()), "case custom000: subject phrase 'a corgi' falls beyond"),
     # -- resource bounds on the data CLI ------------------------------------------------------------
     ("preview-n-huge", lambda w: _preview(w, "--n", "1000000"), "argument --n: number of samples must be between 1 and 256"),
     ("preview-seed-negative", lambda w: _preview(w, "--seed", "-1"), "argument --seed: seed must be between"),

@@ -118,7 +118,9 @@ def test_shortened_end_to_end(tmp_path: Path) -> None:
     log = (out / "chain.log").read_text()
     assert all(f"train:{name}: finished" in log for name in VARIANTS)  # every variant, in its own process
     info = json.loads((out / "pretrain.json").read_text())
-    assert info["text"]["wall_s"] >= 0 and info["loss_history"][-1]["grounding"] >= 0
+    # the T5 masked-word stage ran and scored itself; the grounding term (a cross-entropy) was on
+    assert info["text"]["loss"] > 0 and 0 <= info["text"]["masked_accuracy"] <= 1
+    assert info["loss_history"][-1]["grounding"] > 0
     again, info2 = pretrain(replace(PretrainConfig(steps=1, batch_size=2, scenes=8, diptychs=4, log_every=1),
                                     codec_from=str(out / "base")), tmp_path / "again", log=lambda _: None)
     assert info2["codec"] == {"reused": str(out / "base")}
@@ -127,7 +129,7 @@ def test_shortened_end_to_end(tmp_path: Path) -> None:
     table = (out / "report" / "report.md").read_text()
     assert "MUSAR (full)" in table and "routes given from the true layout" in table and "| 0: `single.shape`" in table
     saved = json.loads((out / "report" / "report.json").read_text())
-    assert saved["full"]["rates"]["routing_all"][0] >= 0 and saved["single_stage1"]["subjects"] == 1
+    assert 0 <= saved["full"]["rates"]["routing_all"][0] <= 1 and saved["single_stage1"]["subjects"] == 1
     assert saved["three"]["subjects"] == 3 and saved["four"]["subjects"] == 4
     assert saved["full"]["members"] == ["full", "full_seed1", "full_seed2"] and len(saved["four"]["seed_rates"]) == 3
     assert saved["four_no_dynamic"]["subjects"] == 4 and "seed_rates" in saved["four_no_dynamic"]

@@ -79,7 +79,7 @@ def add_parser(subparsers: Any) -> None:
     add(p, "--data", check=value(_check_data),
         help="DreamBench folder (dreambench-*) or JSON cases file (custom) (required, except for 'compare')")
     src = p.add_mutually_exclusive_group()
-    add(src, "--model", check=value(check_model_source),
+    add(src, "--model", check=value(_check_model),
         help="base model: hub id or local folder (default: black-forest-labs/FLUX.1-dev unless --preset)")
     add(src, "--preset", check=value(check_preset_name),
         help="built-in model preset instead of --model, e.g. 'tiny' (random weights, for smoke tests) (default: none)")
@@ -102,7 +102,7 @@ def add_parser(subparsers: Any) -> None:
     add(p, "--dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
         help="weights dtype of a --model (presets keep their own, fp32)")
     add(p, "--quantize", choices=quant.QUANTIZE_CHOICES, default="none", metavar=quant.METAVAR, help=quant.HELP,
-        check=value(quant.check_quantize_arg))
+        check=value(check_quantize))
     add_attention(p)
     add_threads(p)
     add(p, "--metrics-batch-size", type=METRICS_BATCH, default=32,
@@ -115,6 +115,18 @@ def add_parser(subparsers: Any) -> None:
     sub = p.add_subparsers(dest="eval_command", metavar="compare", help="instead of a run: compare finished runs")
     c = sub.add_parser("compare", help="one Table-1 table across evaluation folders", formatter_class=HelpFormatter)
     add(c, "dirs", nargs="+", check=each(check_input_dir), help="run folders written by 'musar eval'")
+
+
+def _check_model(spec: str) -> None:
+    from musar.cli.generate import _check_model as check  # one rule for --model in every command
+
+    check(spec)
+
+
+def check_quantize(spec: str) -> None:
+    from musar.cli.generate import check_quantize as check
+
+    check(spec)
 
 
 def _check_data(path: str) -> None:
@@ -227,11 +239,43 @@ def run_command(args: argparse.Namespace) -> int:
         # Decoded in full, once (about a second for DreamBench): a bomb, a non-image or a truncated
         # file fails now, not hours into the run. The pixel limit is checked from the header first.
         open_image(path).close()
+    preflight(args, cases)
     settings = _settings(args)
     # The threads in force are recorded in summary.json; they are resume-free
     # (musar.eval.runner.RESUME_FREE_SETTINGS), so a run may continue with other --threads.
     with torch_threads(args.threads) as threads:
         return _evaluate(args, cases, {**settings, **threads})
+
+
+def preflight(args: argparse.Namespace, cases: list[Any]) -> None:
+    """Every case through the checks that need the model, from its configs and T5 tokenizer alone
+    (musar.cli.preflight): each case's phrases as the pipeline will find them, the LoRA and GGUF
+    files against its transformer, the memory of the largest case. Before any model loads."""
+    from musar.cli.generate import FLUX_DEFAULTS  # what build_generator's pipeline calls use
+    from musar.cli.preflight import check_generation_run
+    from musar.pipelines.preload import check_case_spans, model_facts
+
+    prompt_tokens, phrase_tokens = int(FLUX_DEFAULTS["max_sequence_length"]), int(FLUX_DEFAULTS["phrase_tokens"])
+    facts = model_facts(args.model, args.preset)
+    check_case_spans(facts, cases, prompt_tokens)
+    if args.lora and args.ablation == "single-lora":
+        _check_single_lora(args.lora)
+    check_generation_run(
+        facts, height=args.height, width=args.width, refs=max(len(c.subjects) for c in cases),
+        condition_size=int(FLUX_DEFAULTS["condition_size"]), prompt_tokens=prompt_tokens, phrase_tokens=phrase_tokens,
+        dtype=args.dtype, quantize=args.quantize, lora=args.lora, lower="--height/--width", offload_flag=False,
+    )
+
+
+def _check_single_lora(lora: str) -> None:
+    """The single-lora ablation needs a LoRA trained with mode 'shared'; its header says which."""
+    from musar.utils.safe_load import parse_json
+    from musar.utils.tensorfile import read_header
+
+    config = parse_json(read_header(lora, "LoRA file").metadata.get("lora_config", "{}"), "the LoRA config", expect=dict)
+    mode = config.get("mode", "dual")
+    if mode != "shared":
+        raise MusarError(f"the single-lora ablation needs a LoRA trained with mode 'shared' (got {mode})")
 
 
 def _evaluate(args: argparse.Namespace, cases: list[Any], settings: dict[str, Any]) -> int:

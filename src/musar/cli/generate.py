@@ -123,8 +123,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add(p, "--dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
         help="weights dtype of a --model (presets keep their own, fp32)")
     add(p, "--quantize", choices=quant.QUANTIZE_CHOICES, default="none", metavar=quant.METAVAR, help=quant.HELP,
-        check=value(quant.check_quantize_arg))
+        check=value(check_quantize))
     p.set_defaults(func=run)
+
+
+def check_quantize(spec: str) -> None:
+    """``--quantize``: the package and device (quantization_spec), and a GGUF file's whole header."""
+    quant.check_quantize_arg(spec)
+    if spec.startswith(quant.GGUF_PREFIX):
+        from musar.pipelines.gguf import read_gguf_header  # torch-free
+
+        read_gguf_header(spec[len(quant.GGUF_PREFIX):])
 
 
 # What --routing-maps DIR gets (musar.pipelines.routing_maps.routing_map_writers; a test keeps them equal).
@@ -174,16 +183,24 @@ def resolve_generation(args: argparse.Namespace, names: tuple[str, ...] = GENERA
     return args
 
 
-def check_box_args(args: argparse.Namespace) -> list[tuple[float, float, float, float] | None] | None:
-    """``--box`` / ``--outside-boxes`` as checked boxes (one-line MusarError); no model needed."""
+def check_box_args(
+    args: argparse.Namespace, token_px: int | None = None
+) -> list[tuple[float, float, float, float] | None] | None:
+    """``--box`` / ``--outside-boxes`` as checked boxes (one-line MusarError), each at least one of
+    the model's tokens (``token_px``; None: read from the model's configs, no weight loaded)."""
     from musar.models.boxes import check_boxes, parse_box_args
 
     boxes = parse_box_args(args.box, len(args.subject))
-    if boxes is not None:  # a box is checked at the size it will be drawn at
+    if boxes is not None:  # a box is checked at the size it will be drawn at, in the model's tokens
         resolve_generation(args, ("height", "width"))
+        if token_px is None:
+            from musar.pipelines.preload import declared_token_px
+
+            token_px = declared_token_px(args.model, args.preset)
     return check_boxes(
         boxes, len(args.subject), args.height, args.width,
         dynamic_routing=not args.no_dynamic_routing, outside=args.outside_boxes,
+        **({} if token_px is None else {"token_px": token_px}),
     )
 
 
@@ -226,9 +243,27 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_distinct_outputs(planned_outputs(args))  # also for callers that skip validate()
     resolve_generation(args)  # the preset's defaults (else FLUX's) for every flag left out
-    boxes = check_box_args(args)
+    boxes = preflight(args)
     with torch_threads(args.threads) as threads:
         return _generate(args, out, boxes, threads)
+
+
+def preflight(args: argparse.Namespace) -> list[Any] | None:
+    """The checks that need the model, from its configs and tokenizer, before any weight loads:
+    the boxes in its tokens, the phrases through its tokenizer, the LoRA and GGUF files against its
+    transformer, the memory the run needs (musar.cli.preflight). Returns the checked boxes."""
+    from musar.cli.preflight import check_generation_run
+    from musar.pipelines.preload import model_facts
+
+    facts = model_facts(args.model, args.preset)
+    boxes = check_box_args(args, facts.token_px)
+    check_generation_run(
+        facts, prompts=[(args.prompt, [phrase for _, phrase in args.subject])], height=args.height, width=args.width,
+        refs=len(args.subject), condition_size=args.condition_size, prompt_tokens=args.max_sequence_length,
+        phrase_tokens=args.phrase_tokens, dtype=args.dtype, quantize=args.quantize, offload=args.offload,
+        lora=args.lora, lower="--height/--width, --condition-size or the number of --subject",
+    )
+    return boxes
 
 
 def _generate(args: argparse.Namespace, out: Path, boxes: list[Any] | None, threads: dict[str, int]) -> int:

@@ -85,6 +85,16 @@ def run(args: argparse.Namespace) -> int:
         changes["output_dir"] = args.output_dir
     cfg = dataclasses.replace(cfg, **changes).check()
     check_output_dir(cfg.output_dir)
+    from pathlib import Path
+
+    from musar.cli.preflight import check_training_memory
+
+    # A batch that cannot fit is refused from the model's configs (a preset is built, small by
+    # design) before any data or weight loads: for a new folder before the run lock creates it,
+    # for an existing one after its checkpoints were judged (a damaged one is named first).
+    fresh = not Path(cfg.output_dir).expanduser().exists()
+    if fresh:
+        check_training_memory(cfg)
     from musar.train.checkpoint import plan_resume
     from musar.train.fingerprint import is_main_launch_process
     from musar.utils import run_lock
@@ -99,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
         start = plan_resume(cfg.output_dir, args.resume, cfg.total_steps, cfg)
         if start is not None and start.step >= cfg.total_steps:
             return _already_complete(cfg.output_dir, start, main)
+        if not fresh:
+            check_training_memory(cfg)
         return _train(cfg, start)
 
 

@@ -44,6 +44,7 @@ from typing import Any
 from musar.data.dreambench import DreamBench, DreamBenchSubject, format_prompt, load_dreambench
 from musar.errors import MusarError
 from musar.utils.safe_load import as_path, parse_json, read_text, shown
+from musar.utils.spans import find_phrase_chars
 
 PROTOCOLS: tuple[str, ...] = ("dreambench-single", "dreambench-multi", "custom")
 DEFAULT_SEEDS: tuple[int, ...] = (0, 1, 2, 3)  # docs/design.md sec. 8: 4 seeds per case
@@ -238,6 +239,11 @@ def _custom_case(item: Any, i: int, base: Path, path: Path) -> Case:
         image = _existing(base, sub["image"], where)
         references = tuple(_existing(base, r, where) for r in refs)
         out.append(CaseSubject(image, phrase, str(sub.get("name", phrase)), references))
+    try:  # the pipeline's rule: whole words ("cat" is not in "catalog"), one place per subject
+        find_phrase_chars(prompt.strip(), [s.phrase for s in out])
+    except MusarError as e:
+        whole = " as whole words" if "does not appear" in str(e) else ""  # it does occur inside a word
+        raise MusarError(f"{where}: {e}{whole}") from None
     return Case(case_id, prompt.strip(), tuple(out))
 
 
