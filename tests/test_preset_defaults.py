@@ -93,6 +93,8 @@ def test_generate_toy_is_the_toy_worlds_image_bit_for_bit(tmp_path: Path) -> Non
     assert side["threads"] == torch.get_num_threads() and side["interop_threads"] >= 1
     # the preset loaded the shipped LoRA without --lora: the sidecar says so
     assert side["lora"]["path"] == str(SHIPPED_LORA.resolve()) and side["lora"]["from"] == "preset toy"
+    # the dtype that ran (the toy preset keeps fp32), and the --dtype default it overrode
+    assert side["dtype"] == "fp32" and side["dtype_requested"] == "bf16"
 
 
 @needs_weights

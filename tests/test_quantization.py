@@ -17,6 +17,7 @@ also checks that the weights really are quantised, so a silent no-op cannot pass
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,14 @@ def test_quantize_values_parse_and_bad_ones_name_the_fix(tmp_path: Path) -> None
     fake.write_bytes(b"PK\x03\x04 not gguf")
     with pytest.raises(MusarError, match="not a GGUF file"):
         QuantizeSpec.parse(f"gguf:{fake}").check("cpu")
+    # the argument check is the full header audit: a cut-off header and a FIFO are named at once
+    fake.write_bytes(b"GGUF\x03\x00\x00\x00\x01")
+    with pytest.raises(MusarError, match=str(fake)):
+        QuantizeSpec.parse(f"gguf:{fake}").check("cpu")
+    fifo = tmp_path / "pipe.gguf"
+    os.mkfifo(fifo)
+    with pytest.raises(MusarError, match="not a regular file"):
+        QuantizeSpec.parse(f"gguf:{fifo}").check("cpu")
     if importlib.util.find_spec("bitsandbytes") is not None:
         with pytest.raises(MusarError, match="CUDA GPUs only"):
             QuantizeSpec.parse("nf4").check("cpu")

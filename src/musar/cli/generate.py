@@ -17,6 +17,7 @@ from musar.cli.args import HelpFormatter, add, add_attention, add_threads, torch
 from musar.errors import MusarError
 from musar.models.boxes import DEFAULT_OUTSIDE, OUTSIDE_POLICIES
 from musar.pipelines import quantization_spec as quant
+from musar.utils.dtypes import dtype_name
 from musar.utils.io import write_image_and_sidecar
 from musar.utils.validation import (
     CONDITION_FITS,
@@ -356,8 +357,9 @@ def _sidecar(
         "independent_conditions": args.independent_conditions,
         "offload": args.offload,
         "compile": args.compile,
-        "dtype": args.dtype,
-        "transformer_dtype": str(pipe.transformer.dtype).removeprefix("torch."),  # presets keep theirs
+        # what ran: presets keep their own dtype (tiny and toy run fp32 whatever --dtype says)
+        "dtype": dtype_name(pipe.transformer.dtype),
+        **({"dtype_requested": args.dtype} if dtype_name(pipe.transformer.dtype) != args.dtype else {}),
         "quantize": args.quantize,
         "device": str(pipe._execution_device),
         **threads,  # "threads" (intra-op) and "interop_threads" in force

@@ -87,11 +87,13 @@ class QuantizeSpec:
 
 
 def check_gguf_file(path: Path | None) -> None:
-    if path is None or not path.is_file():
+    """The whole bounded header audit (:func:`musar.pipelines.gguf.read_gguf_header`): a FIFO, a
+    truncated file or a hostile count is named here, before anything loads."""
+    if path is None or not path.exists():
         raise MusarError(f"GGUF file not found: {path}")
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise MusarError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    from musar.pipelines.gguf import read_gguf_header
+
+    read_gguf_header(path)
 
 
 def check_quantize_arg(value: str) -> None:

@@ -21,3 +21,9 @@ def torch_dtype(name: str) -> torch.dtype:
     if name not in table:
         raise MusarError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPE_NAMES)}")
     return table[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bf16"``: the CLI's spelling of a dtype, for records of what ran
+    (a dtype the CLI has no name for keeps torch's, e.g. ``"float64"``)."""
+    return next((n for n in DTYPE_NAMES if torch_dtype(n) == dtype), str(dtype).removeprefix("torch."))
