@@ -145,3 +145,21 @@ def test_cli_command_reproduces_the_ui_image_with_boxes(
     assert ui_image.size == (128, 64) and ui_image.tobytes() == cli_image.tobytes()
     side = json.loads((Path(record.folder) / "cli.json").read_text())
     assert side["boxes"] == [[0.0, 0.0, 0.5, 1.0], [0.5, 0.25, 1.0, 0.75]] and side["outside_boxes"] == "none"
+
+
+@pytest.mark.parametrize(("preset", "token_px"), [("tiny", 16), ("toy", 8)])
+def test_the_form_judges_boxes_at_the_loaded_models_token_size(
+    refs: tuple[str, str], tmp_path: Path, preset: str, token_px: int
+) -> None:
+    # A 9.6 px wide box on a 64 px image covers one toy token (8 px) but no FLUX one (16 px),
+    # as `musar generate --box` judges it for the same model.
+    from musar.pipelines.presets import load_pipeline
+    from musar.ui.backend import Studio
+
+    studio = Studio(load_pipeline(preset=preset), ModelSource(preset=preset), tmp_path / "ui")
+    assert studio.token_px == token_px
+    request, problems = check([(refs[0], "a dog")], ["0 0 0.15 1"], height=64, width=64, token_px=studio.token_px)
+    if token_px == 8:
+        assert problems == [] and request is not None and request.boxes == ((0.0, 0.0, 0.15, 1.0),)
+    else:
+        assert request is None and ["smaller than one 16x16 px token" in p.message for p in problems] == [True]

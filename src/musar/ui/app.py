@@ -201,7 +201,7 @@ def build_app(studio: Studio, defaults: FormDefaults | None = None) -> gr.Blocks
             request, problems = check_request(
                 values[prompt], rows_in, values[height], values[width], values[steps], values[guidance],
                 seed_value, values[condition_size], values[condition_fit], values[dynamic], values[attention],
-                [values[boxes[k]] for k in range(n)], values[outside_boxes],
+                [values[boxes[k]] for k in range(n)], values[outside_boxes], token_px=studio.token_px,
             )
             record = None
             if request is not None:

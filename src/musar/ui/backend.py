@@ -42,6 +42,13 @@ class Studio:
         d = generation_defaults(self.source.preset)
         return {"phrase_tokens": int(d.phrase_tokens), "max_sequence_length": int(d.max_sequence_length)}  # type: ignore[arg-type]
 
+    @property
+    def token_px(self) -> int:
+        """Pixels per side of one image token of the loaded model (16 for FLUX, 8 for the toy): the
+        smallest box the pipeline accepts, so the form judges boxes as ``musar generate`` does."""
+        patch = int(getattr(self.pipe.transformer.config, "patch_size", 1) or 1)
+        return 2 * int(self.pipe.vae_scale_factor) * patch
+
     def _new_folder(self) -> Path:
         taken = [int(p.name) for p in self.out_dir.glob("[0-9]*") if p.name.isdigit()]
         n = max(taken, default=0) + 1

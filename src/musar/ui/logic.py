@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from musar.errors import MusarError, describe_failure
-from musar.models.boxes import DEFAULT_OUTSIDE, OUTSIDE_POLICIES
+from musar.models.boxes import DEFAULT_OUTSIDE, FLUX_TOKEN_PX, OUTSIDE_POLICIES
 from musar.models.options import BACKENDS, DEFAULT_BACKEND
 from musar.utils.validation import (
     CONDITION_FITS,
@@ -179,7 +179,7 @@ def _check_subjects(
 
 def _check_boxes(
     texts: Sequence[str | None], used: list[int], height: int | None, width: int | None,
-    dynamic_routing: bool, outside_boxes: str, problems: list[Problem],
+    dynamic_routing: bool, outside_boxes: str, problems: list[Problem], token_px: int,
 ) -> tuple[tuple[float, float, float, float] | None, ...] | None:
     """Each row's box field as a checked box (blank = no box), problems named by their row.
 
@@ -194,7 +194,7 @@ def _check_boxes(
         try:
             box = parse_box_text(text)
             if box is not None and height is not None and width is not None:
-                box = check_box(box, height, width, name="box")
+                box = check_box(box, height, width, name="box", token_px=token_px)
             boxes[k] = box
         except MusarError as e:
             problems.append(Problem(str(e), k))
@@ -264,10 +264,12 @@ def check_request(
     attention: str = DEFAULT_ATTENTION,
     boxes: Sequence[str | None] | None = None,
     outside_boxes: str = DEFAULT_OUTSIDE_BOXES,
+    token_px: int = FLUX_TOKEN_PX,
 ) -> tuple[Request | None, list[Problem]]:
     """The form's values as a :class:`Request`, or None with every problem found (not just the first).
 
-    ``boxes``: each row's box field as typed ("x0 y0 x1 y1" fractions; blank = no box).
+    ``boxes``: each row's box field as typed ("x0 y0 x1 y1" fractions; blank = no box), each at
+    least one ``token_px`` token (:attr:`Studio.token_px`: the loaded model's).
     """
     problems: list[Problem] = []
     prompt = (prompt or "").strip()
@@ -278,7 +280,7 @@ def check_request(
     n_steps, g = _number(steps, STEPS, problems), _number(guidance, GUIDANCE, problems)
     s, cs = _number(seed, SEED, problems), _number(condition_size, CONDITION_SIZE, problems)
     checked_boxes = _check_boxes(
-        list(boxes or [None] * len(rows)), used, h, w, bool(dynamic_routing), outside_boxes, problems
+        list(boxes or [None] * len(rows)), used, h, w, bool(dynamic_routing), outside_boxes, problems, token_px
     )
     if condition_fit not in CONDITION_FITS:
         problems.append(Problem(f"unknown reference fit {condition_fit!r}; expected one of {list(CONDITION_FITS)}"))
