@@ -31,8 +31,8 @@ from musar.models.layout import TokenLayout
 from musar.models.options import RoutingOptions
 from musar.models.transformer import MusarTransformer
 from musar.pipelines.presets import load_pipeline, tiny_pipeline
-from musar.pipelines.quantization import linear_weight_kinds, weight_bytes
 from musar.pipelines.quantization_spec import QUANTIZE_CHOICES, QuantizeSpec
+from musar.pipelines.weight_stats import linear_weight_kinds, weight_bytes
 
 from helpers import make_inputs
 

@@ -23,8 +23,8 @@ from musar.bench.forward import bench_inputs, build_random_model
 from musar.bench.settings import FLUX_DEV_CONFIG, TINY_CONFIG, Settings
 from musar.errors import MusarError
 from musar.pipelines.pipeline_musar import MusarPipeline
-from musar.pipelines.quantization import weight_bytes
 from musar.pipelines.quantization_spec import QuantizeSpec
+from musar.pipelines.weight_stats import weight_bytes
 from musar.utils.tokenizer import word_level_tokenizer
 
 PROMPT = "a photo of a corgi and a red backpack on a beach at sunset"
