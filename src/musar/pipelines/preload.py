@@ -56,6 +56,12 @@ class ModelFacts:
     preset: str | None = None  # presets keep their own dtype (fp32)
     _tokenizer: Any = None
 
+    @classmethod
+    def of_pipeline(cls, pipe: Any, name: str, preset: str | None = None) -> ModelFacts:
+        """The facts of a built pipeline (a preset, or the UI's loaded model), from its components' configs."""
+        configs = {n: dict(getattr(pipe, n).config) for n in ("transformer", "vae") if getattr(pipe, n, None) is not None}
+        return cls(name, configs, pipeline=pipe, preset=preset)
+
     @property
     def transformer(self) -> dict[str, Any] | None:
         return self.configs.get("transformer")
@@ -189,9 +195,7 @@ def _preset_facts(preset: str) -> ModelFacts:
         facts = _folder_facts(Path(folder), f"preset {preset}")
         facts.preset = preset
         return facts
-    pipe = spec.build(False)  # small by design; the base without its own LoRA
-    configs = {n: dict(getattr(pipe, n).config) for n in ("transformer", "vae") if getattr(pipe, n, None) is not None}
-    return ModelFacts(f"preset {preset}", configs, pipeline=pipe, preset=preset)
+    return ModelFacts.of_pipeline(spec.build(False), f"preset {preset}", preset)  # small by design; no LoRA
 
 
 def model_facts(model: str | os.PathLike[str] | None = None, preset: str | None = None) -> ModelFacts:

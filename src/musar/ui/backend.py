@@ -46,8 +46,9 @@ class Studio:
     def token_px(self) -> int:
         """Pixels per side of one image token of the loaded model (16 for FLUX, 8 for the toy): the
         smallest box the pipeline accepts, so the form judges boxes as ``musar generate`` does."""
-        patch = int(getattr(self.pipe.transformer.config, "patch_size", 1) or 1)
-        return 2 * int(self.pipe.vae_scale_factor) * patch
+        from musar.pipelines.preload import ModelFacts
+
+        return ModelFacts.of_pipeline(self.pipe, "the loaded model").token_px
 
     def _new_folder(self) -> Path:
         taken = [int(p.name) for p in self.out_dir.glob("[0-9]*") if p.name.isdigit()]
