@@ -25,7 +25,7 @@ BASE_CONFIG = "configs/toy_base.yaml"
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"working folder (default {DEFAULT_OUT})")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for training (default: the configs' 2)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads of this stage's process (default: the configs' 2)")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
