@@ -137,6 +137,11 @@ def test_shortened_end_to_end(tmp_path: Path) -> None:
     assert json.loads((out / "musar" / "full_seed1" / "wall.json").read_text())["overrides"].count("seed=1") == 1
     assert saved["given_routes"]["rates"]["routing_all"][0] == 1.0  # boxes from the true layout route every token right
     assert json.loads((out / "musar" / "full" / "wall.json").read_text())["steps"] == 4
+    from musar.train.checkpoint import list_checkpoints
+
+    # Resume checkpoints go once a LoRA exists; full keeps the end of stage 1 (the single_stage1 row).
+    assert [s for s, _ in list_checkpoints(out / "musar" / "full")] == [2]
+    assert list_checkpoints(out / "musar" / "no_dynamic") == []
     # A report of rows without two subjects has no two-subject grid (it once failed looking for one).
     from musar.toy.report import run_report
 

@@ -7,7 +7,9 @@ Stages, each skipped when its output already exists (delete the output to redo a
 3. ``train``: every variant (``configs/toy_musar.yaml`` + overrides), ``jobs`` of them side by
    side, each in its own ``musar toy train`` process at one thread (on 2 cores two 1-thread runs
    finish sooner than the same runs one after another at 2 threads; docs/toy.md has the times);
-   a variant whose LoRA exists is skipped, so an interrupted chain resumes with the next one;
+   a variant whose LoRA exists is skipped and one that was stopped resumes from its newest
+   checkpoint (every ``checkpoint_every`` steps, and on SIGINT / SIGTERM), so an interrupted
+   chain loses at most a few minutes of training (:func:`musar.toy.variants.train_variant`);
 4. ``report``: the gates and the Fig. 8 table -> ``report/``.
 
 Every stage appends a line to ``chain.log`` and its wall time to ``chain.json``, so a chain that

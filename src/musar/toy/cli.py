@@ -50,7 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--config", default=DEFAULT_CONFIG, help=f"musar train config (default {DEFAULT_CONFIG})")
     t.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
                    help="override a musar train key, e.g. curriculum.stage1_steps=100")
-    t.add_argument("--force", action="store_true", help="retrain even if the variant's LoRA exists")
+    t.add_argument("--force", action="store_true", help="start the variant over: retrain even if its LoRA exists, and do not resume its checkpoints")
     r = s.add_parser("report", help="gates and the Fig. 8 table on held-out cases")
     _add_common(r)
     r.add_argument("--cases", type=int, default=24, help="held-out cases per subject count (default 24)")

@@ -16,11 +16,13 @@ too (routing), the generation settings, so a variant is measured the way it was 
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from musar.errors import MusarError
+from musar.utils import run_lock
 from musar.utils.io import atomic_write_json
 
 DEFAULT_CONFIG = "configs/toy_musar.yaml"
@@ -95,8 +97,28 @@ def variant_overrides(
         total = cfg.curriculum.total_steps
         overrides += [f"curriculum.stage1_steps={total}", "curriculum.stage2_steps=0", "curriculum.stage3_steps=0"]
     if variant.keep_stage1:  # a checkpoint lands exactly at the end of stage 1 and is kept
-        overrides += [f"checkpoint_every={cfg.curriculum.stage1_steps}", "keep_last=0"]
+        every = math.gcd(cfg.checkpoint_every, cfg.curriculum.stage1_steps) if cfg.checkpoint_every else cfg.curriculum.stage1_steps
+        overrides += [f"checkpoint_every={every}", "keep_last=0"]
     return overrides
+
+
+def _kept_steps(folder: Path) -> set[int]:
+    wall = folder / "wall.json"
+    stage1 = json.loads(wall.read_text()).get("stage1_steps") if wall.is_file() else None
+    return {stage1} if stage1 is not None else set()
+
+
+def drop_resume_checkpoints(folder: Path, variant: Variant) -> None:
+    """Once a variant's LoRA exists, its checkpoints only served resuming: delete them, except the
+    end of stage 1 that gate 2 reads (:func:`stage1_lora`)."""
+    import shutil
+
+    from musar.train.checkpoint import list_checkpoints
+
+    keep = _kept_steps(folder) if variant.keep_stage1 else set()
+    for step, path in list_checkpoints(folder):
+        if step not in keep:
+            shutil.rmtree(path)
 
 
 def stage1_lora(out: str | Path, name: str) -> Path:
@@ -120,13 +142,16 @@ def train_variant(
 ) -> Path:
     """Train one variant with ``musar.train`` (unchanged) and return its LoRA path.
 
-    A finished run (its ``lora.safetensors`` exists) is reused unless ``force``; ``wall.json``
-    records how long the training took.
+    A finished run (its ``lora.safetensors`` exists) is reused unless ``force``. An unfinished one
+    (stopped by a signal, which saves a checkpoint, or killed after its latest periodic
+    checkpoint, ``checkpoint_every``) resumes from its newest valid checkpoint, bit-exactly as if
+    it had not stopped; a changed config refuses the resume (:mod:`musar.train.fingerprint`) and
+    ``force`` starts over. ``wall.json`` records the training wall summed over the calls that
+    made the LoRA (a call killed without a signal is not counted).
     """
-    import shutil
-
     import musar.toy.codec  # noqa: F401  (diffusers resolves the toy codec class from sys.modules)
     from musar.train import load_config, train
+    from musar.train.checkpoint import list_checkpoints, plan_resume
 
     variant = get_variant(name)
     folder = variant_dir(out, name)
@@ -134,14 +159,48 @@ def train_variant(
     if lora.is_file() and not force:
         log(f"toy train {name}: reusing {lora}")  # type: ignore[operator]
         return lora
-    if folder.exists():
-        shutil.rmtree(folder)
     overrides = variant_overrides(variant, out, config, extra)
     cfg = load_config(config, overrides)
-    log(f"toy train {name}: musar train --config {config} " + " ".join(f"--set {o}" for o in overrides))  # type: ignore[operator]
-    t0 = time.perf_counter()
-    result = train(cfg)
-    wall = time.perf_counter() - t0
-    atomic_write_json(folder / "wall.json", {"variant": name, "wall_s": round(wall, 1), "steps": cfg.total_steps,
-                                             "stage1_steps": cfg.curriculum.stage1_steps, "overrides": overrides})
+    # The whole decision (reuse, resume or clear) under the folder's lock: a second `musar toy
+    # train` of the same variant fails at once instead of clearing the folder under the first.
+    with run_lock.hold(folder, "toy variant training"):
+        if force or not list_checkpoints(folder):
+            _clear(folder)
+        resume = None
+        if list_checkpoints(folder):
+            try:
+                resume = plan_resume(folder, "latest", cfg.total_steps, cfg)
+            except MusarError as e:
+                raise MusarError(f"toy train {name}: cannot resume {folder}: {e} (or pass --force to start it over)") from None
+            for line in resume.describe():
+                log(f"toy train {name}: {line}")  # type: ignore[operator]
+        log(f"toy train {name}: musar train --config {config} " + " ".join(f"--set {o}" for o in overrides))  # type: ignore[operator]
+        parts_file = folder / "wall_parts.json"
+        parts: list[float] = json.loads(parts_file.read_text()) if resume is not None and parts_file.is_file() else []
+        t0 = time.perf_counter()
+        try:
+            result = train(cfg, resume=resume)
+        finally:  # an interrupted call still counts the time it spent
+            parts.append(round(time.perf_counter() - t0, 1))
+            atomic_write_json(parts_file, parts)
+        atomic_write_json(folder / "wall.json", {"variant": name, "wall_s": round(sum(parts), 1), "calls": len(parts),
+                                                 "resumed_from_step": resume.step if resume is not None else 0,
+                                                 "steps": cfg.total_steps, "stage1_steps": cfg.curriculum.stage1_steps,
+                                                 "overrides": overrides})
+        drop_resume_checkpoints(folder, variant)
     return Path(result.lora_path)
+
+
+def _clear(folder: Path) -> None:
+    """Empty ``folder`` for a fresh run, keeping its lock file (a lock file is never deleted:
+    :mod:`musar.utils.run_lock`)."""
+    import shutil
+
+    keep = run_lock.lock_path(folder).name
+    for entry in folder.iterdir():
+        if entry.name == keep:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
