@@ -127,12 +127,12 @@ class BranchLoRALinear(nn.Module):
             return self.base_layer(x)
         # Restricted peft adapters are added below on their rows; peft computes the others.
         out = peft_output_without(self.base_layer, x, restricted) if restricted else self.base_layer(x)
-        pieces, pos = [], 0
-        for length, kind in plan.rows(self.stream, x.shape[-2]):
-            if length == 0:
-                continue
-            rows = out[..., pos : pos + length, :]
-            xs = x[..., pos : pos + length, :]
+        plan_rows = [(n, kind) for n, kind in plan.rows(self.stream, x.shape[-2]) if n]
+        lengths = [n for n, _ in plan_rows]
+        # split, not slicing: a slice's backward writes its gradient into a zero-filled copy of
+        # the whole input, once per slice and layer; split's backward is one cat.
+        pieces = []
+        for (_, kind), rows, xs in zip(plan_rows, out.split(lengths, dim=-2), x.split(lengths, dim=-2), strict=True):
             branch = plan.branch(kind) if branches else None
             if branch is not None:
                 rows = rows + self.delta(branch, xs).to(out.dtype)
@@ -140,7 +140,6 @@ class BranchLoRALinear(nn.Module):
                 if kind in kinds:
                     rows = rows + peft_delta(self.base_layer, name, xs).to(out.dtype)
             pieces.append(rows)
-            pos += length
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-2)
 
 
