@@ -2,7 +2,8 @@
 
 Stages, each skipped when its output already exists (delete the output to redo a stage):
 
-1. ``pretrain``: codec, then the base (``configs/toy_base.yaml``) -> ``base/``;
+1. ``pretrain``: codec, then the base (``configs/toy_base.yaml``) -> ``base/``; a stopped one
+   resumes from its newest checkpoint (:mod:`musar.toy.pretrain_state`);
 2. ``data``: 3000 brief training-split pairs -> ``pairs.parquet``;
 3. ``train``: every variant (``configs/toy_musar.yaml`` + overrides), ``jobs`` of them side by
    side, each in its own ``musar toy train`` process at one thread (on 2 cores two 1-thread runs
@@ -10,7 +11,9 @@ Stages, each skipped when its output already exists (delete the output to redo a
    a variant whose LoRA exists is skipped and one that was stopped resumes from its newest
    checkpoint (every ``checkpoint_every`` steps, and on SIGINT / SIGTERM), so an interrupted
    chain loses at most a few minutes of training (:func:`musar.toy.variants.train_variant`);
-4. ``report``: the gates and the Fig. 8 table -> ``report/``.
+4. ``report``: the gates and the Fig. 8 table -> ``report/``, ``jobs`` units (a row for one
+   training seed, or the base's gates) side by side; finished units are kept under
+   ``report/parts/``, so a stopped report resumes (:mod:`musar.toy.report_parts`).
 
 Every stage appends a line to ``chain.log`` and its wall time to ``chain.json``, so a chain that
 was interrupted and resumed still says what each stage cost (the train stage adds up the walls
@@ -105,7 +108,8 @@ def run_chain(
 ) -> dict[str, float]:
     """Run every unfinished stage under ``out``; returns the wall time of every stage run so far.
 
-    ``jobs``: variants trained side by side (each at ``threads // jobs`` threads, at least one).
+    ``jobs``: variants trained, and report units scored, side by side (each at ``threads // jobs``
+    threads, at least one).
     ``base_overrides`` / ``train_overrides`` / ``report_args`` shorten the chain for tests."""
     from musar.toy.report import run_report
     from musar.toy.stages import data, pretrain
@@ -121,7 +125,7 @@ def run_chain(
     per_job = max(1, (threads or 2) // max(1, jobs))
     progress.stage("train", all((variant_dir(out, n) / "lora.safetensors").is_file() for n in VARIANTS),
                    lambda: train_side_by_side(out, list(VARIANTS), musar_config, train_overrides, jobs, per_job, progress.say))
-    progress.stage("report", (out / "report" / "report.json").is_file(), lambda: run_report(out, **(report_args or {})))
+    progress.stage("report", (out / "report" / "report.json").is_file(), lambda: run_report(out, **{"jobs": jobs, "threads": per_job, **(report_args or {})}))
     total = sum(progress.walls.values())
     progress.say(f"musar toy all: this call {time.perf_counter() - t0:.0f}s; all stages {total:.0f}s; "
                  f"table in {out / 'report' / 'report.md'}")

@@ -15,6 +15,7 @@ toy codec through the ``musar.components`` entry point (:mod:`musar.utils.regist
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 DEFAULT_OUT = "runs/toy"
@@ -41,6 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--config", default=BASE_CONFIG, help=f"pretraining recipe (default {BASE_CONFIG})")
     a.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
                    help="override a recipe key, e.g. steps=500 or codec.steps=100")
+    a.add_argument("--force", action="store_true", help="start over: do not resume the checkpoints of a stopped pretraining")
     d = s.add_parser("data", help="write the Subjects200K-schema toy pairs (training identities)")
     _add_common(d)
     d.add_argument("--pairs", type=int, default=3000, help="number of pairs (default 3000)")
@@ -58,6 +60,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--rows", nargs="+", default=None, choices=[x.name for x in ROWS], metavar="ROW",
                    help="rows to score (default all): " + ", ".join(x.name for x in ROWS))
     r.add_argument("--no-base-gates", action="store_true", help="skip the base's gate 0/1 probes")
+    r.add_argument("--jobs", type=int, default=1,
+                   help="units (row x training seed) scored side by side, one process each at --threads // jobs "
+                        "threads (default 1); finished units are kept, so a stopped report resumes")
     sh = s.add_parser("ship", help="copy the trained base and full LoRA into src/musar/assets/toy")
     _add_common(sh)
     al = s.add_parser("all", help="pretrain, data, all variants, report (skips finished stages)")
@@ -74,6 +79,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except KeyboardInterrupt as e:  # musar.train.loop.TrainingInterrupted: a checkpoint was saved
+        if getattr(e, "checkpoint", None) is None:
+            raise
+        print(f"musar toy {args.toy_command}: {e}; run the same command again to resume", file=sys.stderr)
+        return 128 + int(e.signum)  # type: ignore[attr-defined]
+
+
+def _run(args: argparse.Namespace) -> int:
     from musar.toy import stages
 
     cmd = args.toy_command
@@ -86,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     out = Path(args.out)
     if cmd == "pretrain":
-        stages.pretrain(out, args.config, args.overrides, args.threads)
+        stages.pretrain(out, args.config, args.overrides, args.threads, args.force)
     elif cmd == "data":
         print(f"wrote {stages.data(out, args.pairs)}")
     elif cmd == "train":
@@ -97,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
     elif cmd == "report":
         from musar.toy.report import run_report
 
-        run_report(out, args.rows, args.cases, tuple(range(args.seeds)), base_gates=not args.no_base_gates)
+        run_report(out, args.rows, args.cases, tuple(range(args.seeds)), base_gates=not args.no_base_gates, jobs=args.jobs,
+                   threads=max(1, args.threads // args.jobs) if args.threads else None)
     elif cmd == "ship":
         print(f"shipped to {stages.ship(out)}")
     elif cmd == "all":

@@ -34,6 +34,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from musar.models.transformer import latent_image_ids
 from musar.pipelines.pipeline_musar import MusarPipeline
+from musar.toy import pretrain_state
 from musar.toy.codec import CodecTrainConfig, ToyCodec, train_codec
 from musar.toy.grounding import grounding_loss
 from musar.toy.model import build_toy_pipeline, parameter_counts
@@ -41,8 +42,10 @@ from musar.toy.pools import Pool, diptych_pool, scene_pool
 from musar.toy.sampling import AffinityTap, install_tap, remove_tap
 from musar.toy.text import freeze_text, mlm_pretrain
 from musar.train.config import ObjectiveConfig
+from musar.train.loop import StopSignals, TrainingInterrupted
 from musar.train.objective import flow_loss, interpolate, sample_timesteps, velocity_target
-from musar.utils.io import atomic_write_json
+from musar.utils import run_lock
+from musar.utils.io import atomic_folder, atomic_write_json
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,7 @@ class PretrainConfig:
     text_mlm_steps: int = 0  # masked-word pretraining of the T5 on the pools' texts first (musar.toy.text)
     text_train: Literal["all", "layers", "none"] = "all"  # what of the T5 trains with the base
     ema_decay: float = 0.0  # exponential moving average of the weights, saved and probed (0: off)
+    checkpoint_every: int = 500  # base steps between resume checkpoints (musar.toy.pretrain_state; 0: none)
 
 
 def _encode_pool(pipe: MusarPipeline, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,16 +130,23 @@ def trainable_parameters(pipe: MusarPipeline, cfg: PretrainConfig) -> list[torch
 def pretrain(
     cfg: PretrainConfig, out: str | Path, log: Callable[[str], None] = print,
     callback: Callable[[int, MusarPipeline], dict[str, object] | None] | None = None, callback_every: int = 0,
+    force: bool = False,
 ) -> tuple[MusarPipeline, dict[str, object]]:
     """Train a toy base from scratch and save it as a plain FLUX folder under ``out``.
 
-    ``callback(step, pipe)`` runs every ``callback_every`` steps (models in eval mode, no grad);
-    what it returns is kept in ``pretrain.json`` under 'probes'.
+    A pretraining stopped after its codec and text phases resumes from its newest checkpoint
+    (:mod:`musar.toy.pretrain_state`) unless ``force``. ``callback(step, pipe)`` runs every
+    ``callback_every`` steps (models in eval mode, no grad); what it returns is kept in
+    ``pretrain.json`` under 'probes'.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
-        return _pretrain(cfg, Path(out), log, callback, callback_every)
+        # One pretraining per folder: a second would interleave its checkpoints with this one's.
+        with run_lock.hold(pretrain_state.state_dir(out), "toy pretraining"):
+            if force:
+                pretrain_state.clear(out)
+            return _pretrain(cfg, Path(out), log, callback, callback_every)
     finally:
         torch.set_num_threads(threads)
 
@@ -145,26 +156,31 @@ def _pretrain(
     callback: Callable[[int, MusarPipeline], dict[str, object] | None] | None, callback_every: int,
 ) -> tuple[MusarPipeline, dict[str, object]]:
     t0 = time.perf_counter()
+    resume = pretrain_state.find(out, cfg)  # before anything slow: a changed recipe fails at once
     pipe = build_toy_pipeline(cfg.seed)
     tok = pipe.tokenizer_2
     scenes = scene_pool(cfg.scenes, cfg.seed, tok, cfg.long_text_length, cfg.max_objects, cfg.same_category_prob,
                         cfg.brief_prob, cfg.grounding_background)
     log(f"pretrain: {len(scenes.prompts)} scenes rendered in {time.perf_counter() - t0:.1f}s; params {parameter_counts(pipe)}")
-    if cfg.codec_from:
-        pipe.vae = ToyCodec.from_pretrained(Path(cfg.codec_from) / "vae")
-        codec_info: dict[str, object] = {"reused": str(cfg.codec_from)}
-    else:
-        codec_info = dict(train_codec(pipe.vae, scenes.pixels, cfg.codec, log))
-    log(f"pretrain: codec {codec_info}")
     if cfg.diptych_every and cfg.diptychs:
         dip = diptych_pool(cfg.diptychs, cfg.seed, tok, cfg.long_text_length, cfg.brief_prob, cfg.same_identity_prob,
                            cfg.grounding_background)
-    text_info: dict[str, object] = {}
-    if cfg.text_mlm_steps:
-        texts = scenes.prompts + (dip.prompts if cfg.diptych_every and cfg.diptychs else [])
-        text_info = mlm_pretrain(pipe.text_encoder_2, tok, texts, cfg.text_mlm_steps,
-                                 (cfg.text_length, cfg.long_text_length), seed=cfg.seed, log=log)
-        log(f"pretrain: text {text_info}")
+    loop = pretrain_state.LoopState()
+    if resume is not None:  # codec and text phases are in the checkpoint's weights
+        pretrain_state.load_models(resume, pipe)
+        log(f"pretrain: resuming from {resume}")
+    else:
+        if cfg.codec_from:
+            pipe.vae = ToyCodec.from_pretrained(Path(cfg.codec_from) / "vae")
+            loop.codec_info = {"reused": str(cfg.codec_from)}
+        else:
+            loop.codec_info = dict(train_codec(pipe.vae, scenes.pixels, cfg.codec, log))
+        log(f"pretrain: codec {loop.codec_info}")
+        if cfg.text_mlm_steps:
+            texts = scenes.prompts + (dip.prompts if cfg.diptych_every and cfg.diptychs else [])
+            loop.text_info = mlm_pretrain(pipe.text_encoder_2, tok, texts, cfg.text_mlm_steps,
+                                          (cfg.text_length, cfg.long_text_length), seed=cfg.seed, log=log)
+            log(f"pretrain: text {loop.text_info}")
     params = trainable_parameters(pipe, cfg)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4, betas=(0.9, 0.99))
     sched = lr_schedule(opt, cfg)
@@ -174,66 +190,83 @@ def _pretrain(
     if cfg.diptych_every and cfg.diptychs:
         pools.append((dip, *_encode_pool(pipe, dip.pixels)))
     ema = weight_average(params, cfg)
+    if resume is not None:
+        loop = pretrain_state.restore(resume, opt, sched, ema, gen)
+    start, wall_before = loop.step, loop.wall_s
+    t_call = time.perf_counter()
+
+    def save() -> Path:
+        loop.wall_s = round(wall_before + time.perf_counter() - t0, 1)
+        return pretrain_state.save(out, cfg, pipe, opt, sched, ema, gen, loop)
+
+    if cfg.checkpoint_every and resume is None:
+        save()  # the codec and text phases are kept even if the loop is stopped early
     tap = AffinityTap(grad=True)
     if cfg.grounding_weight > 0:
         install_tap(pipe.transformer, tap)
-    history: list[dict[str, float]] = []
-    probes: list[dict[str, object]] = []
-    window: dict[str, list[float]] = {"flow": [], "grounding": []}
-    for step in range(cfg.steps):
-        diptych = len(pools) > 1 and step % cfg.diptych_every == cfg.diptych_every - 1
-        pool, latents, img_ids = pools[1 if diptych else 0]
-        idx = torch.randint(0, len(pool.prompts), (cfg.batch_size,), generator=gen)
-        x0 = latents[idx]
-        # Text is padded without a mask, FLUX-style, so the pad count is part of the input: show the
-        # model the longer padding MUSAR fine-tuning and generation use, too.
-        long = diptych or (cfg.long_text_every and step % cfg.long_text_every == 0)
-        seq, pooled = encode_text(pipe, [pool.prompts[i] for i in idx.tolist()], cfg.long_text_length if long else cfg.text_length)
-        targets = pool.targets.take(idx)
-        tap.records = {}
-        tap.enabled = cfg.grounding_weight > 0 and bool(targets.valid.any())
-        tap.spans = targets.spans
-        t = sample_timesteps(cfg.batch_size, x0.shape[1], objective, gen, "cpu")
-        eps = torch.randn(x0.shape, generator=gen)
-        pred = pipe.transformer(
-            hidden_states=interpolate(x0, eps, t), encoder_hidden_states=seq, pooled_projections=pooled,
-            timestep=t, img_ids=img_ids, txt_ids=torch.zeros(seq.shape[1], 3), return_dict=False,
-        )[0]
-        loss = flow_loss(pred, velocity_target(x0, eps))
-        window["flow"].append(float(loss.detach()))
-        ground = grounding_loss(list(tap.records.values()), targets) if tap.enabled else None
-        if ground is not None:
-            loss = loss + cfg.grounding_weight * ground
-            window["grounding"].append(float(ground.detach()))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        if ema is not None:
-            ema.step(params)
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            means = {k: sum(v) / len(v) for k, v in window.items() if v}
-            history.append({"step": step + 1, **means})
-            window = {k: [] for k in window}
-            rate = (step + 1) / (time.perf_counter() - t0)
-            terms = " ".join(f"{k} {v:.4f}" for k, v in means.items())
-            log(f"pretrain step {step + 1}/{cfg.steps} {terms} lr {sched.get_last_lr()[0]:.2e} ({rate:.2f} it/s)")
-        if callback is not None and callback_every and ((step + 1) % callback_every == 0 or step + 1 == cfg.steps):
-            with _averaged(ema, params):
-                probes.append({"step": step + 1, **(_probe(pipe, callback, step + 1) or {})})
-            if cfg.grounding_weight > 0:  # a probe may have swapped the attention processors
-                install_tap(pipe.transformer, tap)
+    with StopSignals("musar toy pretrain") as stop:
+        for step in range(start, cfg.steps):
+            diptych = len(pools) > 1 and step % cfg.diptych_every == cfg.diptych_every - 1
+            pool, latents, img_ids = pools[1 if diptych else 0]
+            idx = torch.randint(0, len(pool.prompts), (cfg.batch_size,), generator=gen)
+            x0 = latents[idx]
+            # Text is padded without a mask, FLUX-style, so the pad count is part of the input: show
+            # the model the longer padding MUSAR fine-tuning and generation use, too.
+            long = diptych or (cfg.long_text_every and step % cfg.long_text_every == 0)
+            seq, pooled = encode_text(pipe, [pool.prompts[i] for i in idx.tolist()],
+                                      cfg.long_text_length if long else cfg.text_length)
+            targets = pool.targets.take(idx)
+            tap.records = {}
+            tap.enabled = cfg.grounding_weight > 0 and bool(targets.valid.any())
+            tap.spans = targets.spans
+            t = sample_timesteps(cfg.batch_size, x0.shape[1], objective, gen, "cpu")
+            eps = torch.randn(x0.shape, generator=gen)
+            pred = pipe.transformer(
+                hidden_states=interpolate(x0, eps, t), encoder_hidden_states=seq, pooled_projections=pooled,
+                timestep=t, img_ids=img_ids, txt_ids=torch.zeros(seq.shape[1], 3), return_dict=False,
+            )[0]
+            loss = flow_loss(pred, velocity_target(x0, eps))
+            loop.window["flow"].append(float(loss.detach()))
+            ground = grounding_loss(list(tap.records.values()), targets) if tap.enabled else None
+            if ground is not None:
+                loss = loss + cfg.grounding_weight * ground
+                loop.window["grounding"].append(float(ground.detach()))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            if ema is not None:
+                ema.step(params)
+            loop.step = step + 1
+            if loop.step % cfg.log_every == 0 or loop.step == cfg.steps:
+                means = {k: sum(v) / len(v) for k, v in loop.window.items() if v}
+                loop.history.append({"step": loop.step, **means})
+                loop.window = {k: [] for k in loop.window}
+                rate = (loop.step - start) / (time.perf_counter() - t_call)
+                terms = " ".join(f"{k} {v:.4f}" for k, v in means.items())
+                log(f"pretrain step {loop.step}/{cfg.steps} {terms} lr {sched.get_last_lr()[0]:.2e} ({rate:.2f} it/s)")
+            if callback is not None and callback_every and (loop.step % callback_every == 0 or loop.step == cfg.steps):
+                with _averaged(ema, params):
+                    loop.probes.append({"step": loop.step, **(_probe(pipe, callback, loop.step) or {})})
+                if cfg.grounding_weight > 0:  # a probe may have swapped the attention processors
+                    install_tap(pipe.transformer, tap)
+            due = cfg.checkpoint_every and loop.step % cfg.checkpoint_every == 0 and loop.step < cfg.steps
+            if due or stop.signum is not None:
+                path = save()
+                if stop.signum is not None:
+                    raise TrainingInterrupted(stop.signum, path)
     if ema is not None:
         ema.copy_to(params)  # the averaged weights are the ones saved
     for m in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2):
         m.eval().requires_grad_(False)
     remove_tap(pipe.transformer)
-    base = out / "base"
-    pipe.save_pretrained(base)
-    info = {"config": asdict(cfg), "wall_s": round(time.perf_counter() - t0, 1), "loss_history": history,
-            "codec": codec_info, "text": text_info, "params": parameter_counts(pipe), "probes": probes}
+    base = atomic_folder(out / "base", pipe.save_pretrained)  # the chain takes a base that exists as finished
+    info = {"config": asdict(cfg), "wall_s": round(wall_before + time.perf_counter() - t0, 1),
+            "loss_history": loop.history, "codec": loop.codec_info, "text": loop.text_info,
+            "params": parameter_counts(pipe), "probes": loop.probes, "resumed_from_step": start}
     atomic_write_json(out / "pretrain.json", info)
+    pretrain_state.clear(out)
     log(f"pretrain: saved {base} after {info['wall_s']}s")
     return pipe, info
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -24,11 +23,12 @@ from musar.toy.cases import Case, make_cases
 from musar.toy.codec import codec_round_trip
 from musar.toy.metrics import attribute_rates, diptych_artefact, entanglement, fmt, mean_se
 from musar.toy.model import load_toy_pipeline
+from musar.toy.report_parts import GATES, GRID_IMAGES, Job, Unit, load_part, run_units, unit_key
 from musar.toy.rows import COLUMNS, ROWS, Row
 from musar.toy.sampling import sample_text_only
 from musar.toy.variants import get_variant, stage1_lora, trained_members, variant_dir
 from musar.toy.world import render_scene
-from musar.utils.io import atomic_write_json, atomic_write_text
+from musar.utils.io import atomic_write_json, atomic_write_text, file_sha256
 
 Rates = dict[str, tuple[float, float]]
 
@@ -46,7 +46,7 @@ def _score(images: Sequence[Image.Image], cases: Sequence[Case], per_case: int) 
     return rates, [v.describe() for v in verdicts]
 
 
-def _generate(
+def generate(
     row: Row, out: Path, cases: Sequence[Case], seeds: Sequence[int], member: str | None = None,
 ) -> tuple[Rates, list[str], list[Image.Image]]:
     """One row's images and scores; ``member``: which trained variant of the row's family."""
@@ -102,59 +102,79 @@ def _grid(rows: list[list[Image.Image]], scale: int = 2, border: int = 1) -> Ima
 def run_report(
     out: str | Path, rows: Sequence[str] | None = None, cases: int = 24, seeds: tuple[int, ...] = (0, 1),
     report_dir: str | Path | None = None, base_gates: bool = True, log: Callable[[str], None] = print,
-    gate_cases: tuple[int, int] = (48, 24),
+    gate_cases: tuple[int, int] = (48, 24), jobs: int = 1, threads: int | None = None,
 ) -> dict[str, object]:
     """Score the ``rows`` (names of :data:`ROWS`; default all that can run) on ``cases`` held-out
     cases x ``seeds``; with ``base_gates`` also measure gates 0 and 1 on the base, on
-    ``gate_cases`` (one-subject, two-subject) cases x the same seeds."""
+    ``gate_cases`` (one-subject, two-subject) cases x the same seeds.
+
+    The work is split into units kept under ``<report>/parts`` (:mod:`musar.toy.report_parts`):
+    a stopped report resumes, ``jobs`` units run side by side at ``threads`` threads each
+    (default: this process's threads shared out, at least one).
+    """
+    import torch
+
     out = Path(out)
     dest = Path(report_dir) if report_dir is not None else out / "report"
     dest.mkdir(parents=True, exist_ok=True)
+    threads = threads or max(1, torch.get_num_threads() // max(1, jobs))
     chosen = [r for r in ROWS if (rows is None or r.name in rows)]
     case_sets = {k: make_cases(cases, subjects=k) for k in sorted({r.subjects for r in chosen})}
     results: dict[str, dict[str, object]] = {}
+    members: dict[str, list[str | None]] = {}
+    for row in chosen:
+        found: list[str | None] = list(trained_members(out, row.variant)) if row.variant else [None]
+        members[row.name] = found if row.every_seed else found[:1]
+        if not found:
+            results[row.name] = {"label": row.label, "skipped": f"variant {row.variant} not trained"}
+    units = [Unit(row.name, m) for row in chosen for m in members[row.name] if row.name not in results]
+    units += [Unit(GATES)] if base_gates else []
+    digests: dict[Path, str] = {}
+
+    def digest(path: Path) -> str:  # every unit reads the base: hash each file once
+        if path not in digests:
+            digests[path] = file_sha256(path)
+        return digests[path]
+
+    keys = {u: unit_key(out, u, cases, seeds, gate_cases, digest) for u in units}
+    parts = {u: load_part(dest, u, keys[u]) for u in units}
+    todo = [Job(str(out), str(dest), u, cases, tuple(seeds), gate_cases, threads, keys[u]) for u in units if parts[u] is None]
+    if len(todo) < len(units):
+        log(f"toy report: {len(units) - len(todo)} of {len(units)} units already done under {dest / 'parts'}")
+    run_units(todo, jobs, log)
+    parts.update({j.unit: load_part(dest, j.unit, keys[j.unit]) for j in todo})
     samples: dict[str, list[Image.Image]] = {}
     for row in chosen:
-        members: list[str | None] = list(trained_members(out, row.variant)) if row.variant else [None]
-        members = members if row.every_seed else members[:1]
-        if not members:
-            results[row.name] = {"label": row.label, "skipped": f"variant {row.variant} not trained"}
+        if row.name in results:
             continue
-        t0 = time.perf_counter()
-        per_seed, entry = [], {"label": row.label, "command": row.command, "subjects": row.subjects}
-        walls = []
-        for member in members:
-            rates, verdicts, images = _generate(row, out, case_sets[row.subjects], seeds, member)
-            per_seed.append(rates)
-            entry.setdefault("verdicts", verdicts)
-            samples.setdefault(row.name, images[:: len(seeds)])
-            wall = variant_dir(out, member) / "wall.json" if member else None
-            if wall is not None and wall.is_file():
-                walls.append(json.loads(wall.read_text())["wall_s"])
+        mine = [parts[Unit(row.name, m)] for m in members[row.name]]
+        per_seed = [{k: tuple(v) for k, v in p["rates"].items()} for p in mine]  # type: ignore[index]
+        entry: dict[str, object] = {"label": row.label, "command": row.command, "subjects": row.subjects,
+                                    "verdicts": mine[0]["verdicts"]}  # type: ignore[index]
+        samples[row.name] = mine[0]["images"]  # type: ignore[index]
         rates = combine_seeds(per_seed)
         entry["rates"] = {k: list(v) for k, v in rates.items()}
         if row.variant:
-            entry["members"] = members
+            entry["members"] = members[row.name]
             entry["seed_rates"] = [{k: list(v) for k, v in r.items()} for r in per_seed]
-        if walls:
-            entry["train_wall_s"] = round(sum(walls) / len(walls), 1)
-        entry["generate_wall_s"] = round(time.perf_counter() - t0, 1)
+            walls = [json.loads(w.read_text())["wall_s"] for m in members[row.name]
+                     if m and (w := variant_dir(out, m) / "wall.json").is_file()]
+            if walls:
+                entry["train_wall_s"] = round(sum(walls) / len(walls), 1)
+        entry["generate_wall_s"] = round(sum(p["wall_s"] for p in mine), 1)  # type: ignore[index]
         results[row.name] = entry
-        log(f"toy report {row.name} ({len(members)} training seed(s)): "
+        log(f"toy report {row.name} ({len(mine)} training seed(s)): "
             + ", ".join(f"{h} {fmt(rates.get(k, (math.nan, math.nan)))}" for k, h in COLUMNS))
     if base_gates:
-        t0 = time.perf_counter()
-        measured = gates.base_gates(load_toy_pipeline(out / "base"), *gate_cases, seeds=seeds)
-        results["base_gates"] = {k: {kk: list(vv) for kk, vv in v.items()} for k, v in measured.items()}
-        log(f"toy report base gates ({time.perf_counter() - t0:.0f}s): {gates.summary_line(measured)}")
+        results["base_gates"] = parts[Unit(GATES)]["measured"]  # type: ignore[index]
     atomic_write_text(dest / "report.md", render_markdown(results, cases, seeds))
     atomic_write_json(dest / "report.json", results)  # last: the chain takes report.json as 'done'
     two = [r.name for r in chosen if r.subjects == 2 and r.name in samples]
     if two:  # the grid shows two-subject rows only; a report of other rows has none
-        grid_rows = [c.reference_images() + [samples[n][i] for n in two] for i, c in enumerate(case_sets[2][:8])]
+        grid_rows = [c.reference_images() + [samples[n][i] for n in two] for i, c in enumerate(case_sets[2][:GRID_IMAGES])]
         _grid(grid_rows).save(dest / "grid.png")
         atomic_write_text(dest / "grid.txt", "columns: reference A, reference B, " + ", ".join(two) + "\n"
-                          + "\n".join(f"row {c.index}: {c.prompt}" for c in case_sets[2][:8]) + "\n")
+                          + "\n".join(f"row {c.index}: {c.prompt}" for c in case_sets[2][:GRID_IMAGES]) + "\n")
     log(f"toy report: wrote {dest / 'report.md'}")
     return results
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def pretrain(out: Path, config: str | None, overrides: list[str], threads: int | None) -> None:
+def pretrain(out: Path, config: str | None, overrides: list[str], threads: int | None, force: bool = False) -> None:
     from musar.toy.pretrain import load_pretrain_config, pretrain
 
     extra = [f"threads={threads}"] if threads else []
-    pretrain(load_pretrain_config(config, [*overrides, *extra]), out)
+    pretrain(load_pretrain_config(config, [*overrides, *extra]), out, force=force)
 
 
 def data(out: Path, pairs: int) -> Path:
@@ -31,25 +31,19 @@ def ship(out: Path) -> Path:
     from musar.errors import MusarError
     from musar.toy.model import ASSETS, SHIPPED_BASE, SHIPPED_LORA
     from musar.toy.variants import variant_dir
-    from musar.utils.io import atomic_write
+    from musar.utils.io import atomic_folder, atomic_write
 
     lora = variant_dir(out, "full") / "lora.safetensors"
     if not (out / "base" / "model_index.json").is_file() or not lora.is_file():
         raise MusarError(f"nothing to ship: need {out / 'base'} and {lora} (run musar toy all first)")
     ASSETS.mkdir(parents=True, exist_ok=True)
-    # Built beside the shipped base and swapped in by renames: an interrupted ship leaves the old
-    # base whole (or, between the two renames, beside the new one as .base.old), never half a base.
-    staging, old = SHIPPED_BASE.with_name(".base.partial"), SHIPPED_BASE.with_name(".base.old")
-    for leftover in (staging, old):
-        if leftover.exists():
-            shutil.rmtree(leftover)
-    shutil.copytree(out / "base", staging)
-    _halve(staging / "transformer" / "diffusion_pytorch_model.safetensors")
-    if SHIPPED_BASE.exists():
-        SHIPPED_BASE.rename(old)
-    staging.rename(SHIPPED_BASE)
-    if old.exists():
-        shutil.rmtree(old)
+
+    def build(staging: Path) -> None:
+        shutil.copytree(out / "base", staging)
+        _halve(staging / "transformer" / "diffusion_pytorch_model.safetensors")
+
+    # Built beside the shipped base and swapped in by renames: never half a base.
+    atomic_folder(SHIPPED_BASE, build)
     atomic_write(SHIPPED_LORA, lambda tmp: shutil.copyfile(lora, tmp))
     return ASSETS
 

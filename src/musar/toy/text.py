@@ -31,7 +31,9 @@ def mlm_pretrain(
     masked-word accuracy (on the last 10% of steps). The prediction head is dropped afterwards."""
     gen = torch.Generator().manual_seed(seed)
     width, vocab = encoder.config.d_model, len(tokenizer)
-    head = torch.nn.Linear(width, vocab)
+    with torch.random.fork_rng(devices=[]):  # the head's init is part of the seed's run too
+        torch.manual_seed(seed)
+        head = torch.nn.Linear(width, vocab)
     params = [*encoder.parameters(), *head.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=max(1, steps), pct_start=0.1)

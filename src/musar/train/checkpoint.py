@@ -202,6 +202,18 @@ def _check_manifest(directory: Path) -> None:
             raise _damaged(directory, f"{name} differs from what was saved (sha256 mismatch)")
 
 
+def check_manifest(directory: str | os.PathLike[str]) -> None:
+    """Check every file a sealed folder's manifest lists (size and sha256) without loading any;
+    raises :class:`DamagedCheckpoint` naming the first bad one."""
+    directory = Path(directory)
+    try:
+        _check_manifest(directory)
+    except DamagedCheckpoint:
+        raise
+    except (OSError, RecursionError, ValueError) as e:
+        raise _damaged(directory, f"unreadable ({type(e).__name__}: {str(e)[:200]})") from None
+
+
 def validate_checkpoint(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """Check every file of a checkpoint without loading it; return trainer.json's content.
 

@@ -89,10 +89,13 @@ class TrainResult:
     start_step: int = 0  # the step it resumed from; state.step - start_step steps were trained
 
 
-class _StopSignals:
-    """Turn the first SIGINT/SIGTERM into a request to checkpoint and exit; a second SIGINT aborts."""
+class StopSignals:
+    """Turn the first SIGINT/SIGTERM into a request to checkpoint and exit; a second SIGINT aborts.
 
-    def __init__(self) -> None:
+    ``name`` is the command the notice names (the toy pretraining uses it too)."""
+
+    def __init__(self, name: str = "musar train") -> None:
+        self.name = name
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
 
@@ -100,10 +103,10 @@ class _StopSignals:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
-        print(f"\nmusar train: {signal.Signals(signum).name} received; saving a checkpoint after this step "
+        print(f"\n{self.name}: {signal.Signals(signum).name} received; saving a checkpoint after this step "
               "(Ctrl-C again to abort without saving)", file=sys.stderr)
 
-    def __enter__(self) -> _StopSignals:
+    def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -260,7 +263,7 @@ class Trainer:
                    dynamic_ncols=True)
         started, started_step = time.perf_counter(), self.state.step
         try:
-            with _StopSignals() as stop:
+            with StopSignals() as stop:
                 while self.state.step < total:
                     result = self.train_step(self.next_batches())
                     step = self.state.step

@@ -122,6 +122,32 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], Any]) -> 
     return Path(path)
 
 
+def atomic_folder(path: str | os.PathLike[str], build: Callable[[Path], Any]) -> Path:
+    """Call ``build(staging)`` on a fresh folder beside ``path`` and swap it in by renames.
+
+    An interrupted build leaves the old folder whole; between the two renames the old one sits
+    beside the new as ``.<name>.old`` (removed by the next call), never half a folder.
+    """
+    import shutil
+
+    path = Path(path)
+    staging, old = path.with_name(f".{path.name}.partial"), path.with_name(f".{path.name}.old")
+    for leftover in (staging, old):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    build(staging)
+    for folder in [staging, *(p for p in staging.rglob("*") if p.is_dir())]:
+        fsync_dir(folder)
+    if path.exists():
+        path.rename(old)
+    staging.rename(path)
+    fsync_dir(path.parent)
+    if old.exists():
+        shutil.rmtree(old)
+    return path
+
+
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
 
