@@ -137,8 +137,11 @@ class RunLock:
         self.release()
 
     def __del__(self) -> None:
-        with contextlib.suppress(Exception):
+        # A bare try: at interpreter exit this module's globals (contextlib too) may be gone.
+        try:  # noqa: SIM105
             self.release()
+        except Exception:
+            pass
 
 
 def acquire(folder: str | os.PathLike[str], what: str = "run") -> RunLock:
