@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lock_holder import lock_held_elsewhere
 from musar.errors import MusarError
 from musar.train.config import dump_config
 from musar.utils import run_lock
@@ -60,18 +60,9 @@ def test_a_second_process_is_refused_with_the_holder_named(tmp_path: Path) -> No
 
 
 def test_the_lock_dies_with_a_killed_holder(tmp_path: Path) -> None:
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom musar.utils import run_lock\n"
-         f"lock = run_lock.acquire({str(tmp_path)!r})\nprint('held', flush=True)\ntime.sleep(120)"],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        with pytest.raises(run_lock.FolderInUse, match=f"pid {holder.pid} "):
-            run_lock.acquire(tmp_path)
-    finally:
-        holder.send_signal(signal.SIGKILL)  # no cleanup code runs: the kernel drops the flock
-        holder.wait()
-    run_lock.acquire(tmp_path).release()
+    with lock_held_elsewhere(tmp_path) as holder, pytest.raises(run_lock.FolderInUse, match=f"pid {holder.pid} "):
+        run_lock.acquire(tmp_path)
+    run_lock.acquire(tmp_path).release()  # SIGKILLed: no cleanup code ran, the kernel dropped the flock
 
 
 def test_a_planted_lock_file_is_refused_not_followed(tmp_path: Path) -> None:

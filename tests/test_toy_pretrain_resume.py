@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lock_holder import lock_held_elsewhere
 from musar.errors import MusarError
 from musar.pipelines.pipeline_musar import MusarPipeline
 from musar.toy.pretrain import PretrainConfig, load_pretrain_config, pretrain
@@ -99,20 +100,9 @@ def test_pretraining_is_a_function_of_its_seed(tmp_path: Path, uninterrupted: tu
 
 
 def test_a_second_pretraining_into_the_same_folder_fails_at_once(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
     from musar.utils.run_lock import FolderInUse
 
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import time; from musar.utils.run_lock import acquire; "
-         f"lock = acquire({str(state_dir(tmp_path))!r}, 'toy pretraining'); print('held', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    with lock_held_elsewhere(state_dir(tmp_path), "toy pretraining"):
         with pytest.raises(FolderInUse, match="in use by another"):
             pretrain(_config(), tmp_path, log=lambda _: None)
         assert not (tmp_path / "base").exists()
-    finally:
-        holder.kill()
-        holder.wait()

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lock_holder import lock_held_elsewhere
 from musar.errors import MusarError
 from musar.toy.model import SHIPPED_BASE
 
@@ -77,9 +78,6 @@ def test_checkpoint_cadence_does_not_change_what_is_learned(tmp_path: Path) -> N
 
 
 def test_a_second_training_of_the_same_variant_fails_at_once_and_clears_nothing(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
     from musar.toy.variants import train_variant, variant_dir
     from musar.utils.run_lock import FolderInUse
 
@@ -87,15 +85,7 @@ def test_a_second_training_of_the_same_variant_fails_at_once_and_clears_nothing(
     folder = variant_dir(out, "full")
     folder.mkdir(parents=True)
     (folder / "metrics.jsonl").write_text("{}\n")  # what the first run has written so far
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from musar.utils.run_lock import acquire; "
-         f"lock = acquire({str(folder)!r}, 'training run'); print('held', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    with lock_held_elsewhere(folder, "training run"):
         with pytest.raises(FolderInUse, match="in use by another"):
             train_variant("full", out, extra=SHORT, log=lambda _: None)
         assert (folder / "metrics.jsonl").is_file()
-    finally:
-        holder.kill()
-        holder.wait()
