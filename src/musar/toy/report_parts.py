@@ -102,10 +102,11 @@ def compute(job: Job) -> str:
     """Compute one unit and write its part (worker side); returns the log line."""
     import torch
 
-    from musar.toy import gates, report
+    from musar.toy import gates
     from musar.toy.cases import make_cases
     from musar.toy.model import load_toy_pipeline
     from musar.toy.rows import ROWS
+    from musar.toy.scoring import generate
 
     torch.set_num_threads(job.threads)
     out, dest, unit = Path(job.out), Path(job.dest), job.unit
@@ -117,7 +118,7 @@ def compute(job: Job) -> str:
         line = gates.summary_line(measured)
     else:
         row = next(r for r in ROWS if r.name == unit.row)
-        rates, verdicts, images = report.generate(row, out, make_cases(job.cases, subjects=row.subjects), job.seeds,
+        rates, verdicts, images = generate(row, out, make_cases(job.cases, subjects=row.subjects), job.seeds,
                                                   unit.member)
         part.update(rates={k: list(v) for k, v in rates.items()}, verdicts=verdicts)
         shown = images[:: len(job.seeds)][:GRID_IMAGES]
