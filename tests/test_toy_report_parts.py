@@ -11,6 +11,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from lock_holder import lock_held_elsewhere
 from musar.toy import model as toy_model
 from musar.toy.report import run_report
 from musar.utils.io import file_sha256
@@ -68,3 +69,11 @@ def test_a_stopped_or_stale_report_recomputes_only_what_it_must(run_folder: Path
     key = json.loads((parts / "full.full.json").read_text())["key"]
     assert key["weights"]["musar/full/lora.safetensors"] == file_sha256(lora)
     assert changed["codec"]["rates"] == first["codec"]["rates"]
+
+
+def test_a_second_report_into_the_same_folder_fails_at_once(run_folder: Path, tmp_path: Path) -> None:
+    from musar.utils.run_lock import FolderInUse
+
+    with lock_held_elsewhere(tmp_path / "report", "toy report"), pytest.raises(FolderInUse, match="in use by another"):
+        run_report(run_folder, report_dir=tmp_path / "report", log=lambda _: None, **SMALL)
+    assert not (tmp_path / "report" / "parts").exists()

@@ -23,6 +23,7 @@ from musar.toy.metrics import fmt
 from musar.toy.report_parts import GATES, GRID_IMAGES, Job, Unit, load_part, run_units, unit_key
 from musar.toy.rows import COLUMNS, ROWS
 from musar.toy.variants import get_variant, trained_members, variant_dir
+from musar.utils import run_lock
 from musar.utils.io import atomic_write_json, atomic_write_text, file_sha256
 
 Rates = dict[str, tuple[float, float]]
@@ -73,8 +74,16 @@ def run_report(
 
     out = Path(out)
     dest = Path(report_dir) if report_dir is not None else out / "report"
-    dest.mkdir(parents=True, exist_ok=True)
-    threads = threads or max(1, torch.get_num_threads() // max(1, jobs))
+    # One report per folder: a second would score the same units again and race for report.json.
+    with run_lock.hold(dest, "toy report"):
+        return _run_report(out, dest, rows, cases, seeds, base_gates, log, gate_cases, jobs,
+                           threads or max(1, torch.get_num_threads() // max(1, jobs)))
+
+
+def _run_report(
+    out: Path, dest: Path, rows: Sequence[str] | None, cases: int, seeds: tuple[int, ...], base_gates: bool,
+    log: Callable[[str], None], gate_cases: tuple[int, int], jobs: int, threads: int,
+) -> dict[str, object]:
     chosen = [r for r in ROWS if (rows is None or r.name in rows)]
     case_sets = {k: make_cases(cases, subjects=k) for k in sorted({r.subjects for r in chosen})}
     results: dict[str, dict[str, object]] = {}
