@@ -12,10 +12,12 @@ with the shipped toy weights, same seeds:
   order, so the caption mentions them (and the pairs follow) in reverse.
 
 It prints, per region, caption position and slot, how many subjects came out with a wrong shape
-or body colour. ``--base`` instead asks the base alone (no LoRA, no references) for the full
+or body colour. ``--routing`` also prints, for the cases as given, each region's routing accuracy
+(the share of its NOISE tokens routed to its own reference, late steps, every layer). ``--base`` instead asks the base alone (no LoRA, no references) for the full
 captions in both orders, to tell what the caption's order does to the base:
 
     .venv/bin/python bench/toy_slots.py --cases 24 --seeds 0 1
+    .venv/bin/python bench/toy_slots.py --cases 24 --seeds 0 1 --routing
     .venv/bin/python bench/toy_slots.py --cases 24 --seeds 0 1 --base
 """
 
@@ -49,6 +51,34 @@ def base_only(cases: list[Case], seeds: list[int]) -> None:
         print(f"base, full caption, {name}: all present {right}/{len(flat)}")
 
 
+def routing_by_region(cases: list[Case], seeds: list[int]) -> None:
+    import numpy as np
+
+    from musar.toy.cases import generate_case
+    from musar.toy.metrics import late_steps, scene_token_labels
+    from musar.toy.sampling import STEPS, AffinityTap, tapped
+
+    pipe, tap = load_toy_pipeline(), AffinityTap()
+    routed: dict[str, list[float]] = {}
+    wrong: Counter = Counter()
+    with tapped(pipe.transformer, tap):
+        for case in cases:
+            labels = scene_token_labels(case.scene)
+            for seed in seeds:
+                tap.records = {}
+                images, _ = generate_case(pipe, case, (seed,))
+                tap.flush()
+                late = tap.batches[-1][late_steps(STEPS)][:, :, 0]  # (steps, layers, tokens)
+                verdict = evaluate(images[0], case.identities, case.scene)
+                for k, placement in enumerate(case.scene.placements):
+                    mine = late[:, :, labels == k]
+                    if mine.size:
+                        routed.setdefault(placement.region, []).append(float((mine == k).mean()))
+                    wrong[placement.region] += not verdict.subjects[k].present
+    for region, accs in sorted(routed.items()):
+        print(f"{region}: routing accuracy {np.mean(accs):.3f} (lowest image {min(accs):.2f}); wrong subjects {wrong[region]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", type=int, default=24)
@@ -56,12 +86,16 @@ def main() -> None:
     parser.add_argument("--subjects", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--base", action="store_true", help="the base from full captions, both orders")
+    parser.add_argument("--routing", action="store_true", help="routing accuracy per region, cases as given")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     n = args.subjects
     cases = make_cases(args.cases, subjects=n)
     if args.base:
         base_only(cases, args.seeds)
+        return
+    if args.routing:
+        routing_by_region(cases, args.seeds)
         return
     pipe = load_toy_pipeline()
     ways = (("as the case gives it", False, False), ("slots reversed", True, False), ("caption reversed", False, True))
