@@ -18,6 +18,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from musar.utils.validation import COUNT, SEED, THREADS, Number
+
+# Processes side by side: each holds a model and a torch thread pool.
+JOBS = Number("jobs", int, 1, 64)
+
 DEFAULT_OUT = "runs/toy"
 
 
@@ -26,7 +31,7 @@ BASE_CONFIG = "configs/toy_base.yaml"
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"working folder (default {DEFAULT_OUT})")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads of this stage's process (default: the configs' 2)")
+    p.add_argument("--threads", type=THREADS, default=None, help="CPU threads of this stage's process (default: the configs' 2)")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -45,7 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--force", action="store_true", help="start over: do not resume the checkpoints of a stopped pretraining")
     d = s.add_parser("data", help="write the Subjects200K-schema toy pairs (training identities)")
     _add_common(d)
-    d.add_argument("--pairs", type=int, default=3000, help="number of pairs (default 3000)")
+    d.add_argument("--pairs", type=COUNT, default=3000, help="number of pairs (default 3000)")
     t = s.add_parser("train", help="train one MUSAR variant with musar train")
     _add_common(t)
     t.add_argument("--variant", default="full", choices=list(VARIANTS), help="which variant (default full; docs/toy.md)")
@@ -55,12 +60,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--force", action="store_true", help="start the variant over: retrain even if its LoRA exists, and do not resume its checkpoints")
     r = s.add_parser("report", help="gates and the Fig. 8 table on held-out cases")
     _add_common(r)
-    r.add_argument("--cases", type=int, default=24, help="held-out cases per subject count (default 24)")
-    r.add_argument("--seeds", type=int, default=2, help="sampling seeds per case (default 2)")
+    r.add_argument("--cases", type=COUNT, default=24, help="held-out cases per subject count (default 24)")
+    r.add_argument("--seeds", type=COUNT, default=2, help="sampling seeds per case (default 2)")
     r.add_argument("--rows", nargs="+", default=None, choices=[x.name for x in ROWS], metavar="ROW",
                    help="rows to score (default all): " + ", ".join(x.name for x in ROWS))
     r.add_argument("--no-base-gates", action="store_true", help="skip the base's gate 0/1 probes")
-    r.add_argument("--jobs", type=int, default=1,
+    r.add_argument("--jobs", type=JOBS, default=1,
                    help="units (row x training seed) scored side by side, one process each at --threads // jobs "
                         "threads (default 1); finished units are kept, so a stopped report resumes")
     sh = s.add_parser("ship", help="copy the trained base and full LoRA into src/musar/assets/toy")
@@ -69,11 +74,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _add_common(al)
     al.add_argument("--config", default=DEFAULT_CONFIG, help=f"musar train config of every variant (default {DEFAULT_CONFIG})")
     al.add_argument("--base-config", default=BASE_CONFIG, help=f"pretraining recipe (default {BASE_CONFIG})")
-    al.add_argument("--jobs", type=int, default=2, help="variants trained side by side, one process each (default 2)")
+    al.add_argument("--jobs", type=JOBS, default=2, help="variants trained side by side, one process each (default 2)")
     de = s.add_parser("demo", help="compose two toy references with the shipped weights; print the verdict")
     de.add_argument("--out", default="outputs/toy_demo", metavar="DIR",
                     help="where the compositions, routing maps, verdicts and contact sheet go (default outputs/toy_demo)")
-    de.add_argument("--seed", type=int, default=0, help="sampling seed of the fixed cases (default 0)")
+    de.add_argument("--seed", type=SEED, default=0, help="sampling seed of the fixed cases (default 0)")
     de.add_argument("--write-examples", action="store_true", help="(re)write examples/toy/ reference PNGs first")
     p.set_defaults(func=run)
 
