@@ -99,16 +99,24 @@ def load_part(dest: Path, unit: Unit, key: dict[str, Any]) -> dict[str, Any] | N
 
 
 def compute(job: Job) -> str:
-    """Compute one unit and write its part (worker side); returns the log line."""
+    """Compute one unit at ``job.threads`` threads and write its part; returns the log line."""
     import torch
 
+    before = torch.get_num_threads()
+    torch.set_num_threads(job.threads)
+    try:
+        return _compute(job)
+    finally:  # run in the caller's process (jobs 1), it keeps the caller's own setting
+        torch.set_num_threads(before)
+
+
+def _compute(job: Job) -> str:
     from musar.toy import gates
     from musar.toy.cases import make_cases
     from musar.toy.model import load_toy_pipeline
     from musar.toy.rows import ROWS
     from musar.toy.scoring import generate
 
-    torch.set_num_threads(job.threads)
     out, dest, unit = Path(job.out), Path(job.dest), job.unit
     t0 = time.perf_counter()
     part: dict[str, Any] = {"key": job.key}
