@@ -140,5 +140,5 @@ def restore(
         shadow = [tensors[f"ema.{i}"] for i in range(len(ema.shadow_params))]
         ema.load_state_dict({**raw["ema"], "shadow_params": shadow})
     load_rng(path, 0)
-    keys = {f for f in LoopState.__dataclass_fields__}
+    keys = set(LoopState.__dataclass_fields__)
     return LoopState(**{k: v for k, v in raw.items() if k in keys})

@@ -9,6 +9,7 @@ Writes ``report.md``, ``report.json`` (all numbers and per-image verdicts) and `
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -95,13 +96,7 @@ def _run_report(
             results[row.name] = {"label": row.label, "skipped": f"variant {row.variant} not trained"}
     units = [Unit(row.name, m) for row in chosen for m in members[row.name] if row.name not in results]
     units += [Unit(GATES)] if base_gates else []
-    digests: dict[Path, str] = {}
-
-    def digest(path: Path) -> str:  # every unit reads the base: hash each file once
-        if path not in digests:
-            digests[path] = file_sha256(path)
-        return digests[path]
-
+    digest = functools.cache(file_sha256)  # every unit reads the base: hash each file once per report
     keys = {u: unit_key(out, u, cases, seeds, gate_cases, digest) for u in units}
     parts = {u: load_part(dest, u, keys[u]) for u in units}
     todo = [Job(str(out), str(dest), u, cases, tuple(seeds), gate_cases, threads, keys[u]) for u in units if parts[u] is None]
